@@ -1,0 +1,3 @@
+from chatkv.cli import main
+
+raise SystemExit(main())

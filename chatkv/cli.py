@@ -1,0 +1,199 @@
+"""The ``chatkv`` command: parse arguments, build settings, hand off to the part that does the work.
+
+Each subcommand's module is imported only when it runs, so ``chatkv --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from chatkv import __version__
+from chatkv.config import ConfigError, Settings, load_settings, parse_size
+from chatkv.paths import Paths
+
+
+@dataclass
+class Context:
+    """What every subcommand gets: the parsed arguments, the settings after the config file and flags, and the folders."""
+
+    args: argparse.Namespace
+    settings: Settings
+    paths: Paths
+    config_messages: list[str]
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="keep conversations, caches and config under this folder (also: CHATKV_HOME)")
+    parser.add_argument("--config", help="config file (default: config.toml in the config folder)")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="model: a transformers folder, a .gguf file or a hub id (default: SmolLM2-135M-Instruct)")
+    group.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="default auto: bf16 where the CPU has native bf16")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    group.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+
+
+def _add_engine(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--no-cache", action="store_true", help="disable KV reuse: every turn recomputes the whole conversation")
+    group.add_argument("--max-tokens-per-session", type=int)
+    group.add_argument("--max-sessions", type=int)
+    group.add_argument("--max-kv-bytes", type=_size, help="KV memory budget, e.g. 1GiB")
+    group.add_argument("--max-batch-size", type=int)
+    group.add_argument("--max-batch-wait-ms", type=int)
+    group.add_argument("--max-queued", type=int, help="max turns waiting in the queue")
+    group.add_argument("--prefill-only", action="store_true", help="batch prefill only, decode one session at a time (the seed design)")
+    group.add_argument("--no-snapshot", action="store_true", help="do not save KV caches to disk")
+    group.add_argument("--max-snapshot-bytes", type=_size, help="disk budget for KV snapshots, e.g. 2GiB")
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--temperature", type=float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatkv", description="Terminal chat for local language models, with KV reuse and batching.")
+    parser.add_argument("--version", action="version", version=f"chatkv {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    launch = commands.add_parser("launch", help="open the chat (or run a script with --headless)")
+    _add_common(launch)
+    _add_model(launch)
+    _add_engine(launch)
+    launch.add_argument("--theme", help="theme name (see the command palette for the list)")
+    launch.add_argument("--new", action="store_true", help="open a fresh tab beside the saved ones")
+    launch.add_argument("--headless", action="store_true", help="no terminal UI: drive the app from --script")
+    launch.add_argument("--script", help="headless: JSON Lines script file, or - for stdin")
+    launch.add_argument("--stream", action="store_true", help="headless: also emit token events")
+    launch.add_argument("--trace", action="store_true", help="headless: add prompt_ids and reply_ids to turn events")
+    launch.add_argument("--ephemeral", action="store_true", help="headless: do not save the tabs opened by the script")
+
+    model = commands.add_parser("model", help="fetch or inspect the model")
+    model_commands = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    pull = model_commands.add_parser("pull", help="download and convert the model now")
+    _add_common(pull)
+    pull.add_argument("--model", help="model to fetch (default: SmolLM2-135M-Instruct)")
+    info = model_commands.add_parser("info", help="load the model and print its fingerprint and load time")
+    _add_common(info)
+    _add_model(info)
+
+    sessions = commands.add_parser("sessions", help="list, show, export or delete saved conversations")
+    session_commands = sessions.add_subparsers(dest="sessions_command", metavar="ACTION", required=True)
+    for name, help_text in (("list", "list saved conversations"), ("show", "print one conversation"),
+                            ("export", "export a conversation to Markdown or JSON"), ("delete", "delete a conversation and its KV snapshot")):
+        sub = session_commands.add_parser(name, help=help_text)
+        _add_common(sub)
+        if name != "list":
+            sub.add_argument("session", help="session id or name")
+        if name == "export":
+            sub.add_argument("--format", choices=["md", "json"], default="md")
+            sub.add_argument("-o", "--output", help="file to write (default: stdout)")
+        if name == "delete":
+            sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    bench = commands.add_parser("bench", help="measure what the cache and batching buy against plain transformers")
+    _add_common(bench)
+    _add_model(bench)
+    bench.add_argument("scenarios", nargs="*", help="seed, multiturn, batching, memory, limits, snapshot (default: all)")
+    bench.add_argument("--quick", action="store_true", help="shrink every scenario to run in a few minutes")
+    bench.add_argument("--json", dest="json_path", help="write the results as JSON to this file")
+    bench.add_argument("--plot", dest="plot_path", help="draw charts to this PNG file (needs chatkv[plot])")
+    bench.add_argument("--no-check", action="store_true", help="skip the fp32 exactness check before timing")
+    return parser
+
+
+def apply_flags(settings: Settings, args: argparse.Namespace) -> None:
+    """Command-line flags override the config file."""
+    def given(name: str):
+        return getattr(args, name, None)
+
+    if given("model"):
+        settings.model.model = args.model
+    if given("dtype"):
+        settings.model.dtype = args.dtype
+    if given("device"):
+        settings.model.device = args.device
+    if given("threads"):
+        settings.model.threads = args.threads
+    if given("no_cache"):
+        settings.kv.enabled = False
+    for flag, section, field_name in (
+        ("max_tokens_per_session", settings.kv, "max_tokens_per_session"),
+        ("max_sessions", settings.kv, "max_sessions"),
+        ("max_kv_bytes", settings.kv, "max_bytes_total"),
+        ("max_batch_size", settings.batching, "max_batch_size"),
+        ("max_batch_wait_ms", settings.batching, "max_batch_wait_ms"),
+        ("max_queued", settings.batching, "max_total_queued_requests"),
+        ("max_snapshot_bytes", settings.snapshot, "max_disk_bytes"),
+        ("max_new_tokens", settings.generation, "max_new_tokens"),
+        ("temperature", settings.generation, "temperature"),
+        ("theme", settings.ui, "theme"),
+    ):
+        value = given(flag)
+        if value is not None:
+            setattr(section, field_name, value)
+    if given("prefill_only"):
+        settings.batching.prefill_only = True
+    if given("no_snapshot"):
+        settings.snapshot.enabled = False
+
+
+def make_context(args: argparse.Namespace) -> Context:
+    paths = Paths.resolve(getattr(args, "data_dir", None))
+    config_path = getattr(args, "config", None)
+    settings, messages = load_settings(config_path and os.path.expanduser(config_path) or paths.config_file)
+    apply_flags(settings, args)
+    return Context(args=args, settings=settings, paths=paths, config_messages=messages)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        context = make_context(args)
+        for message in context.config_messages:
+            print(f"chatkv: config: {message}", file=sys.stderr)
+        return _dispatch(context)
+    except ConfigError as exc:
+        print(f"chatkv: config: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(context: Context) -> int:
+    command = context.args.command
+    if command == "launch":
+        if context.args.headless:
+            from chatkv.headless import run_headless
+
+            return run_headless(context)
+        from chatkv.tui.launch import run_tui
+
+        return run_tui(context)
+    if command == "model":
+        from chatkv.model.commands import run_model_command
+
+        return run_model_command(context)
+    if command == "sessions":
+        from chatkv.sessions_cli import run_sessions_command
+
+        return run_sessions_command(context)
+    if command == "bench":
+        from chatkv.bench.cli import run_bench
+
+        return run_bench(context)
+    raise AssertionError(f"unhandled command {command}")

@@ -1,0 +1,169 @@
+"""Typed settings, read once from the config file and the command line, then passed down.
+
+Defaults for the KV store and batching come from the seed design (SmallMind's KvCacheOptions and
+BatchingOptions). The config file is TOML with the same names as the dataclass fields:
+
+    [kv]
+    max_bytes_total = "512MiB"
+    [batching]
+    max_batch_size = 16
+    [model]
+    dtype = "float32"
+
+Unknown keys and wrong types are reported as ``ConfigError`` messages and the default is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+
+
+@dataclass
+class KvOptions:
+    enabled: bool = True
+    max_tokens_per_session: int = 4096
+    max_sessions: int = 1000
+    max_bytes_total: int = 1 * GIB
+    policy: str = "lru"
+    persist_across_requests: bool = True
+
+
+@dataclass
+class BatchingOptions:
+    enabled: bool = True
+    max_batch_size: int = 8
+    max_batch_wait_ms: int = 10
+    max_total_queued_requests: int = 100
+    prefill_only: bool = False
+    # tokens of prompt prefilled per forward pass, so long prompts do not stall decoding tabs
+    prefill_chunk_tokens: int = 512
+
+
+@dataclass
+class SnapshotOptions:
+    enabled: bool = True
+    max_disk_bytes: int = 2 * GIB
+
+
+@dataclass
+class ModelOptions:
+    model: str = "smollm2"
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int = 0  # 0: torch's default
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_time_ms: int = 0  # 0: no limit
+    system_prompt: str = ""
+
+
+@dataclass
+class UiOptions:
+    theme: str = "chatkv-dark"
+    stats_panel: str = "auto"  # auto | show | hide
+
+
+@dataclass
+class Settings:
+    kv: KvOptions = field(default_factory=KvOptions)
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+    snapshot: SnapshotOptions = field(default_factory=SnapshotOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    ui: UiOptions = field(default_factory=UiOptions)
+
+
+class ConfigError(Exception):
+    """A problem in the user's config that they can fix; the message says where and what."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|tb|tib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+
+
+def parse_size(value: str | int) -> int:
+    """'1GiB', '512 MiB', '2GB' or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a size such as 512MiB or 2GiB, got {value!r}")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[unit.lower() if unit else None])
+
+
+_SIZE_FIELDS = {"max_bytes_total", "max_disk_bytes"}
+
+
+def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
+    where = f"[{section}] {name}"
+    if name in _SIZE_FIELDS:
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    if expected is int and value < 0:
+        raise ConfigError(f"{where}: must not be negative, got {value}")
+    return value
+
+
+def apply_mapping(settings: Settings, data: dict[str, Any]) -> list[str]:
+    """Apply a parsed TOML mapping to ``settings``; return one message per key that was ignored."""
+    problems: list[str] = []
+    for section_name, section_values in data.items():
+        section = getattr(settings, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            problems.append(f"unknown section [{section_name}] ignored")
+            continue
+        if not isinstance(section_values, dict):
+            problems.append(f"[{section_name}] should be a table, got {type(section_values).__name__}; ignored")
+            continue
+        known = {f.name: f for f in dataclasses.fields(section)}
+        for key, value in section_values.items():
+            if key not in known:
+                problems.append(f"unknown key [{section_name}] {key} ignored")
+                continue
+            try:
+                setattr(section, key, _coerce(section_name, key, value, getattr(section, key)))
+            except ConfigError as exc:
+                problems.append(f"{exc}; keeping the default")
+    return problems
+
+
+def load_settings(path: Path | None) -> tuple[Settings, list[str]]:
+    """Read the config file if there is one. Never raises for the file's content: problems come back as messages."""
+    settings = Settings()
+    if path is None or not path.exists():
+        return settings, []
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return settings, [f"{path}: not valid TOML ({exc}); using defaults"]
+    except OSError as exc:
+        return settings, [f"{path}: cannot be read ({exc.strerror}); using defaults"]
+    return settings, [f"{path}: {message}" for message in apply_mapping(settings, data)]

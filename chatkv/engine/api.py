@@ -1,0 +1,195 @@
+"""What the engine promises its callers (the TUI, headless mode, the bench): requests in, events and results out.
+
+The UI never touches torch and the engine never imports Textual; this module is where they meet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+FinishReason = Literal["stop", "length", "time", "cancelled", "error"]
+ReusedFrom = Literal["memory", "disk", "none"]
+
+
+class EngineError(Exception):
+    """A request the engine cannot take; the message is meant for the user."""
+
+
+class QueueFullError(EngineError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one turn picks its tokens. temperature 0 means greedy."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_time_ms: int = 0  # 0: no limit
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise EngineError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise EngineError("temperature must not be negative")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EngineError("top_p must be in (0, 1]")
+        if self.max_time_ms < 0:
+            raise EngineError("max_time_ms must not be negative")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    session_id: str
+    text: str  # the text this token adds to the reply (may be "" while a multi-byte character is incomplete)
+    token_id: int
+
+
+@dataclass
+class TurnResult:
+    session_id: str
+    reply: str
+    reply_ids: list[int]
+    prompt_ids: list[int]
+    prompt_tokens: int
+    reused_tokens: int
+    reused_from: ReusedFrom
+    prefilled_tokens: int
+    new_tokens: int
+    ttft_ms: float
+    decode_tok_s: float
+    batch_size: int
+    finish_reason: FinishReason
+    dropped_messages: int = 0  # oldest messages left out to fit the context
+    error: str | None = None
+    total_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SessionStats:
+    session_id: str
+    tokens: int
+    bytes: int
+    resident: bool
+    on_disk_bytes: int = 0
+
+
+@dataclass
+class EngineStats:
+    # KV store
+    sessions: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    peak_bytes: int = 0
+    budget_bytes: int = 0
+    evictions: int = 0
+    evicted_tokens: int = 0
+    evicted_bytes: int = 0
+    # reuse
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    hit_rate: float = 0.0
+    hit_rate_window: float = 0.0
+    turns: int = 0
+    turn_hits: int = 0
+    disk_restores: int = 0
+    disk_reused_tokens: int = 0
+    disk_bytes: int = 0
+    disk_budget_bytes: int = 0
+    # batching
+    forward_passes: int = 0
+    avg_batch_size: float = 0.0
+    avg_batch_wait_ms: float = 0.0
+    avg_queue_depth: float = 0.0
+    queue_depth: int = 0
+    active_turns: int = 0
+    rejected_requests: int = 0
+    # throughput (rolling window)
+    decode_tok_s: float = 0.0
+    prefill_tok_s: float = 0.0
+    decode_tok_s_history: list[float] = field(default_factory=list)
+    last_ttft_ms: float = 0.0
+    generated_tokens: int = 0
+    prefilled_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TurnHandle:
+    """One submitted turn: stream its tokens (``async for``), await its result, or block on it.
+
+    The engine thread calls ``_push``/``_finish``; consumers may live on an asyncio loop or in a plain thread.
+    """
+
+    def __init__(self, session_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.session_id = session_id
+        self._loop = loop
+        self._queue: asyncio.Queue[TokenEvent | TurnResult] | None = asyncio.Queue() if loop else None
+        self._done = threading.Event()
+        self._result: TurnResult | None = None
+        self._tokens: list[TokenEvent] = []
+
+    # engine side -------------------------------------------------------------------------------
+    def _push(self, event: TokenEvent) -> None:
+        self._tokens.append(event)
+        self._deliver(event)
+
+    def _finish(self, result: TurnResult) -> None:
+        self._result = result
+        self._done.set()
+        self._deliver(result)
+
+    def _deliver(self, item: TokenEvent | TurnResult) -> None:
+        if self._loop is None or self._queue is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the consumer's loop is closed: nobody is listening any more
+
+    # consumer side -----------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[TokenEvent]:
+        if self._queue is None:
+            raise RuntimeError("this turn was submitted outside an event loop; use wait()")
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, TurnResult):
+                self._queue.put_nowait(item)  # leave it for result()
+                return
+            yield item
+
+    async def result(self) -> TurnResult:
+        async for _ in self:
+            pass
+        assert self._result is not None
+        return self._result
+
+    def wait(self, timeout: float | None = None) -> TurnResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"turn for session {self.session_id} did not finish in {timeout} s")
+        assert self._result is not None
+        return self._result
+
+    @property
+    def tokens(self) -> list[TokenEvent]:
+        return list(self._tokens)

@@ -1,0 +1,141 @@
+"""Load a model and its tokenizer with the chosen dtype and device, and fingerprint it.
+
+The fingerprint (model id, config hash, dtype) says which model a KV cache belongs to: a snapshot
+written under one fingerprint is never restored under another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatkv.model.source import ModelSource, ModelSourceError, Progress, _print_progress, resolve
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class ModelError(Exception):
+    """The model cannot be loaded as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    model_id: str
+    config_hash: str
+    dtype: str
+
+    def as_string(self) -> str:
+        return f"{self.model_id}|{self.config_hash}|{self.dtype}"
+
+
+@dataclass
+class ModelBundle:
+    model: Any  # a transformers causal LM
+    tokenizer: Any
+    fingerprint: Fingerprint
+    dtype: torch.dtype
+    device: torch.device
+    load_seconds: float
+
+    @property
+    def model_id(self) -> str:
+        return self.fingerprint.model_id
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX); plain AVX2 emulates bf16 slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu.")
+    if device not in ("cpu", "cuda"):
+        raise ModelError(f"Unknown device {device!r}: choose auto, cpu or cuda.")
+    return torch.device(device)
+
+
+def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"Unknown dtype {dtype!r}: choose auto, bfloat16 or float32.")
+    return DTYPES[dtype]
+
+
+def config_hash(config: Any) -> str:
+    """A hash of what shapes the computation, not of load-time details (path, dtype, versions)."""
+    data = config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset",
+                "quantization_config", "use_cache"):
+        data.pop(key, None)
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def load_model(
+    spec: str,
+    models_dir: Path,
+    dtype: str = "auto",
+    device: str = "auto",
+    progress: Progress = _print_progress,
+    allow_pull: bool = True,
+) -> ModelBundle:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    torch_device = choose_device(device)
+    torch_dtype = choose_dtype(dtype, torch_device)
+    try:
+        source = resolve(spec, models_dir, progress, allow_pull=allow_pull)
+    except ModelSourceError as exc:
+        raise ModelError(str(exc)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=torch_dtype, attn_implementation="sdpa"
+        )
+    except OSError as exc:
+        raise ModelError(_explain_load_failure(source, exc)) from None
+    model.to(torch_device)
+    model.eval()
+    model.requires_grad_(False)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelError(f"{source.model_id} has no chat template in its tokenizer; chatkv needs a chat model.")
+    fingerprint = Fingerprint(source.model_id, config_hash(model.config), dtype_name(torch_dtype))
+    return ModelBundle(model, tokenizer, fingerprint, torch_dtype, torch_device, time.perf_counter() - started)
+
+
+def _explain_load_failure(source: ModelSource, exc: OSError) -> str:
+    if source.is_hub_id:
+        return (
+            f"Could not load {source.path!r} from the Hugging Face hub: {exc}. Offline, download it where you have a "
+            "network and pass --model with the local folder, or use a .gguf file; leave --model out for SmolLM2."
+        )
+    return f"Could not load the model from {source.path}: {exc}"
