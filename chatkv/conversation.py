@@ -7,10 +7,36 @@ the same ids back, and would defeat KV reuse).
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+ROLES = ("system", "user", "assistant")
+FORMAT_VERSION = 1
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_token_ids(token_ids: Any) -> None:
+    if not isinstance(token_ids, list):
+        raise ValueError(f"token_ids must be a list of integers, got {_type_name(token_ids)}")
+    for position, token_id in enumerate(token_ids):
+        # bool is an int subclass in Python; a stored true/false is a corrupt file, not token 1/0
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+            raise ValueError(f"token_ids[{position}] must be a non-negative integer, got {token_id!r}")
+
+
+def _check_timestamp(data: dict[str, Any], key: str) -> float:
+    value = data.get(key)
+    if value is None:
+        return time.time()
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a number of seconds, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -31,12 +57,22 @@ class Message:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Message":
-        return cls(
-            role=data["role"],
-            content=data["content"],
-            token_ids=data.get("token_ids"),
-            stats=data.get("stats"),
-        )
+        """Build a message from stored data; a wrong shape raises ValueError saying which field and why."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a message must be an object, got {_type_name(data)}")
+        role = data.get("role")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        content = data.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"content must be a string, got {_type_name(content)}")
+        token_ids = data.get("token_ids")
+        if token_ids is not None:
+            _check_token_ids(token_ids)
+        stats = data.get("stats")
+        if stats is not None and not isinstance(stats, dict):
+            raise ValueError(f"stats must be an object, got {_type_name(stats)}")
+        return cls(role=role, content=content, token_ids=token_ids, stats=stats)
 
 
 def new_session_id() -> str:
@@ -63,7 +99,7 @@ class Conversation:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": FORMAT_VERSION,
             "id": self.id,
             "name": self.name,
             "system": self.system,
@@ -74,11 +110,40 @@ class Conversation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Conversation":
+        """Build a conversation from stored data; a wrong shape raises ValueError saying which field and why.
+
+        Only the shape is checked here; whether the id is safe to use as a file name is the store's job.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a conversation must be an object, got {_type_name(data)}")
+        version = data.get("version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"written by a newer chatkv (format version {version}, this one reads {FORMAT_VERSION})")
+        session_id = data.get("id")
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError(f"id must be a non-empty string, got {session_id!r}")
+        name = data.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"name must be a string, got {_type_name(name)}")
+        system = data.get("system", "")
+        if not isinstance(system, str):
+            raise ValueError(f"system must be a string, got {_type_name(system)}")
+        raw_messages = data.get("messages", [])
+        if not isinstance(raw_messages, list):
+            raise ValueError(f"messages must be a list, got {_type_name(raw_messages)}")
+        messages = []
+        for position, item in enumerate(raw_messages):
+            try:
+                messages.append(Message.from_dict(item))
+            except ValueError as exc:
+                raise ValueError(f"messages[{position}]: {exc}") from None
         return cls(
-            id=data["id"],
-            name=data.get("name") or data["id"],
-            system=data.get("system", ""),
-            messages=[Message.from_dict(item) for item in data.get("messages", [])],
-            created=data.get("created", time.time()),
-            updated=data.get("updated", time.time()),
+            id=session_id,
+            name=name or session_id,
+            system=system,
+            messages=messages,
+            created=_check_timestamp(data, "created"),
+            updated=_check_timestamp(data, "updated"),
         )
