@@ -16,6 +16,7 @@ Unknown keys and wrong types are reported as ``ConfigError`` messages and the de
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -99,12 +100,13 @@ _SIZE_UNITS = {
 
 def parse_size(value: str | int) -> int:
     """'1GiB', '512 MiB', '2GB' or a plain number of bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size, got {value!r}")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ValueError("a size cannot be negative")
         return value
+    if not isinstance(value, str):
+        # a TOML float such as 1.5 would otherwise be read as 1 byte
+        raise ValueError(f"expected a size such as \"512MiB\" or a whole number of bytes, got {value!r}")
     match = _SIZE_RE.match(str(value))
     if not match:
         raise ValueError(f"expected a size such as 512MiB or 2GiB, got {value!r}")
@@ -113,6 +115,18 @@ def parse_size(value: str | int) -> int:
 
 
 _SIZE_FIELDS = {"max_bytes_total", "max_disk_bytes"}
+# the same choices the command-line flags offer
+_CHOICES = {
+    ("model", "dtype"): ("auto", "bfloat16", "float32"),
+    ("model", "device"): ("auto", "cpu", "cuda"),
+    ("ui", "stats_panel"): ("auto", "show", "hide"),
+}
+# counts where 0 would leave the engine unable to take a single turn
+_AT_LEAST_ONE = {
+    ("kv", "max_tokens_per_session"), ("kv", "max_sessions"),
+    ("batching", "max_batch_size"), ("batching", "max_total_queued_requests"), ("batching", "prefill_chunk_tokens"),
+    ("generation", "max_new_tokens"),
+}
 
 
 def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
@@ -124,22 +138,33 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{where}: {exc}") from None
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
-    if expected is int and value < 0:
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value}")
+    if expected in (int, float) and value < 0:
         raise ConfigError(f"{where}: must not be negative, got {value}")
+    if (section, name) in _AT_LEAST_ONE and value < 1:
+        raise ConfigError(f"{where}: must be at least 1, got {value}")
+    if (section, name) == ("generation", "top_p") and not 0.0 < value <= 1.0:
+        raise ConfigError(f"{where}: must be above 0 and at most 1, got {value}")
+    choices = _CHOICES.get((section, name))
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
 def apply_mapping(settings: Settings, data: dict[str, Any]) -> list[str]:
     """Apply a parsed TOML mapping to ``settings``; return one message per key that was ignored."""
     problems: list[str] = []
+    # only the dataclass's own fields are sections: getattr alone would also find "__class__" and friends
+    section_names = {f.name for f in dataclasses.fields(settings)}
     for section_name, section_values in data.items():
-        section = getattr(settings, section_name, None)
-        if section is None or not dataclasses.is_dataclass(section):
+        if section_name not in section_names:
             problems.append(f"unknown section [{section_name}] ignored")
             continue
+        section = getattr(settings, section_name)
         if not isinstance(section_values, dict):
             problems.append(f"[{section_name}] should be a table, got {type(section_values).__name__}; ignored")
             continue
