@@ -1,0 +1,190 @@
+"""``chatkv sessions list|show|export|delete``: saved conversations from the shell, without loading the model.
+
+Every problem a user can cause (unknown session, broken file, busy data folder, unwritable output)
+ends as one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+import unicodedata
+from pathlib import Path
+from typing import Callable
+
+import orjson
+
+from chatkv.atomic import write_bytes_atomic
+from chatkv.conversation import Conversation
+from chatkv.lock import DataDirLock, DataDirLocked
+from chatkv.store import ConversationStore, StoreError, describe_os_error
+
+NAME_COLUMN_WIDTH = 40
+ROLE_TITLES = {"system": "System", "user": "You", "assistant": "Assistant"}
+
+
+def run_sessions_command(context) -> int:
+    store = ConversationStore(context.paths)
+    handlers: dict[str, Callable[[ConversationStore, object], int]] = {
+        "list": _list, "show": _show, "export": _export, "delete": _delete,
+    }
+    handler = handlers[context.args.sessions_command]
+    try:
+        return handler(store, context.args)
+    except (StoreError, DataDirLocked) as exc:
+        _error(str(exc))
+        return 1
+    except BrokenPipeError:
+        # the reader went away (``chatkv sessions list | head``); stop quietly, and keep Python from
+        # complaining when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a bug of ours: say so in one line; CHATKV_DEBUG=1 shows where
+        if os.environ.get("CHATKV_DEBUG"):
+            traceback.print_exc()
+        _error(f"internal error, please report it: {type(exc).__name__}: {exc}")
+        return 1
+
+
+def _error(message: str) -> None:
+    # messages quote file names and conversation names, which a hostile file can fill with escape sequences
+    print(f"chatkv: {_printable(message, keep_newlines=False)}", file=sys.stderr)
+
+
+def _load(store: ConversationStore) -> list[Conversation]:
+    conversations, messages = store.load_all()
+    for message in messages:
+        _error(message)
+    return conversations
+
+
+def _list(store: ConversationStore, args) -> int:
+    conversations = _load(store)
+    if not conversations:
+        print(f"No saved conversations in {store.folder}.")
+        return 0
+    rows = [("ID", "NAME", "TURNS", "LAST UPDATED")]
+    for conversation in conversations:
+        rows.append((
+            conversation.id,
+            _shorten(_printable(conversation.name, keep_newlines=False), NAME_COLUMN_WIDTH),
+            str(conversation.turns),
+            _local_time(conversation.updated),
+        ))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]), row[3]]
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+def _show(store: ConversationStore, args) -> int:
+    conversation = store.find(args.session, among=_load(store))
+    print(_printable(render_text(conversation)), end="")
+    return 0
+
+
+def _export(store: ConversationStore, args) -> int:
+    conversation = store.find(args.session, among=_load(store))
+    if args.format == "json":
+        data = orjson.dumps(conversation.to_dict(), option=orjson.OPT_INDENT_2) + b"\n"
+    else:
+        data = render_markdown(conversation).encode("utf-8")
+    if not args.output or args.output == "-":
+        if sys.stdout.isatty():
+            # a conversation may carry escape sequences; a terminal would act on them, a file keeps them
+            print(_printable(data.decode("utf-8")), end="")
+        else:
+            sys.stdout.write(data.decode("utf-8"))
+        return 0
+    target = Path(args.output).expanduser()
+    if target.is_dir():
+        _error(f"{target} is a folder; give a file name with -o.")
+        return 1
+    if not target.parent.is_dir():
+        _error(f"cannot write {target}: the folder {target.parent} does not exist.")
+        return 1
+    try:
+        write_bytes_atomic(target, data)
+    except OSError as exc:
+        _error(f"cannot write {target}: {describe_os_error(exc)}.")
+        return 1
+    print(f"Exported {conversation.name!r} to {target}.", file=sys.stderr)
+    return 0
+
+
+def _delete(store: ConversationStore, args) -> int:
+    # a running app would write the conversation back from memory, so deleting waits until it is closed
+    with DataDirLock(store.paths.data):
+        conversation = store.find(args.session, among=_load(store))
+        label = f"{_printable(conversation.name, keep_newlines=False)!r} ({conversation.id}, {_turns(conversation)})"
+        if not args.yes:
+            if not sys.stdin.isatty():
+                _error(f"not deleting {label} without confirmation: no terminal to ask on. Add -y to delete it.")
+                return 1
+            if not _confirm(f"Delete conversation {label} and its KV snapshot? [y/N] "):
+                print("Nothing deleted.")
+                return 1
+        store.delete(conversation.id)
+    print(f"Deleted {label}.")
+    return 0
+
+
+def _confirm(question: str) -> bool:
+    try:
+        answer = input(question)
+    except EOFError:
+        return False
+    return answer.strip().lower() in {"y", "yes"}
+
+
+def render_text(conversation: Conversation) -> str:
+    lines = [
+        f"{conversation.name}  ({conversation.id})",
+        f"created {_local_time(conversation.created)}, updated {_local_time(conversation.updated)}, {_turns(conversation)}",
+        "",
+    ]
+    if conversation.system:
+        lines += ["--- System prompt ---", conversation.system, ""]
+    for message in conversation.messages:
+        lines += [f"--- {ROLE_TITLES.get(message.role, message.role)} ---", message.content, ""]
+    return "\n".join(lines)
+
+
+def render_markdown(conversation: Conversation) -> str:
+    parts = [f"# {conversation.name}", "", f"Session `{conversation.id}`, last updated {_local_time(conversation.updated)}.", ""]
+    if conversation.system:
+        parts += ["## System prompt", "", conversation.system, ""]
+    for message in conversation.messages:
+        parts += [f"## {ROLE_TITLES.get(message.role, message.role)}", "", message.content, ""]
+    return "\n".join(parts)
+
+
+def _turns(conversation: Conversation) -> str:
+    return "1 turn" if conversation.turns == 1 else f"{conversation.turns} turns"
+
+
+def _local_time(timestamp: float) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+    except (OverflowError, OSError, ValueError):
+        return "?"  # a timestamp from a hand-edited file can be out of the platform's range
+
+
+# bidirectional overrides and isolates can make text display in a different order than it is stored
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _printable(text: str, keep_newlines: bool = True) -> str:
+    """``text`` with control characters (escape sequences included) shown as U+FFFD instead of acted on."""
+    allowed = {"\n", "\t"} if keep_newlines else set()
+    return "".join(
+        "\ufffd" if char not in allowed and (unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS) else char
+        for char in text
+    )
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
