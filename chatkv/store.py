@@ -174,7 +174,7 @@ class ConversationStore:
                 f"Start a new conversation; the previous copy is kept."
             )
         try:
-            ensure_private_dir(self.folder)
+            self._ensure_folders()
             write_bytes_atomic(path, data)
         except OSError as exc:
             kept = "Your previous copy is kept." if path.exists() else "It has not been saved before."
@@ -191,10 +191,10 @@ class ConversationStore:
         except OSError as exc:
             return [], [f"Cannot read the conversations folder {self.folder}: {exc.strerror}"]
         for entry in entries:
-            if entry.name.startswith("."):
-                if _TEMP_FILE_PATTERN.match(entry.name):
-                    self._remove_stale_temp(Path(entry.path))
+            if _TEMP_FILE_PATTERN.match(entry.name):
+                self._remove_stale_temp(Path(entry.path))
                 continue
+            # every *.json here is either loaded or set aside, so nothing is dropped without a word
             if not entry.name.endswith(SESSION_SUFFIX):
                 continue  # the quarantine folder, notes the user keeps here: not ours to judge
             path = Path(entry.path)
@@ -276,12 +276,18 @@ class ConversationStore:
     def save_state(self, state: dict[str, Any]) -> None:
         _check_state(state, for_saving=True)
         try:
-            ensure_private_dir(self.paths.state_file.parent)
+            self._ensure_folders()
             write_bytes_atomic(self.paths.state_file, orjson.dumps(state))
         except OSError as exc:
             raise StoreError(f"Could not save the open tabs and theme: {describe_os_error(exc)} ({self.paths.state_file.parent}).") from exc
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _ensure_folders(self) -> None:
+        # one call per level: ensure_private_dir makes only the last folder 0700, and parents it has to
+        # create get the umask's mode, which would leave the data folder (state.json's home) readable
+        ensure_private_dir(self.paths.data)
+        ensure_private_dir(self.folder)
 
     def _read(self, path: Path) -> Conversation:
         session_id = path.name[: -len(SESSION_SUFFIX)]
