@@ -24,7 +24,7 @@ class DataDirLocked(Exception):
     def __init__(self, folder: Path, pid: int | None):
         self.folder = folder
         self.pid = pid
-        who = f"another chatkv (pid {pid})" if pid else "another chatkv"
+        who = f"Another chatkv (pid {pid})" if pid else "Another chatkv"
         super().__init__(
             f"{who} is using {folder}. Close it first, or start this one with "
             f"--data-dir <another folder> to keep a separate set of conversations."
