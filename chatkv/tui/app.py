@@ -1,0 +1,318 @@
+"""The chat app: tabs of conversations beside the live stats panel, the command palette, themes.
+
+``make_app`` builds it the same way for the terminal, headless mode and tests. The App only wires
+things together; each tab runs its own turns (``widgets/chat_tab.py``), dialogs are in ``screens/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import ModalScreen
+from textual.theme import Theme
+from textual.widgets import Footer, Header
+
+from chatkv.config import Settings
+from chatkv.conversation import Conversation
+from chatkv.engine.api import Sampling
+from chatkv.store import ConversationStore, StoreError
+from chatkv.tui.commands import ChatCommands
+from chatkv.tui.screens.confirm_close import CloseChoice, ConfirmCloseScreen
+from chatkv.tui.screens.new_tab import NewTabRequest, NewTabScreen
+from chatkv.tui.screens.rename_tab import RenameTabScreen
+from chatkv.tui.widgets.chat_tab import ChatTab
+from chatkv.tui.widgets.chat_tabs import ChatTabs
+from chatkv.tui.widgets.stats_panel import StatsPanel
+
+STATS_REFRESH_SECONDS = 0.25
+STATS_IDLE_EVERY = 8  # while nothing runs, refresh every 8th tick (2 s): figures only change with turns
+WIDE_ENOUGH_FOR_STATS = 120
+FALLBACK_THEME = "textual-dark"
+TAB_ACTIONS = {"new_tab", "close_tab", "rename_tab", "next_tab", "previous_tab", "go_to_tab", "stop_reply"}
+
+
+@dataclass
+class AppOptions:
+    restore_tabs: bool = True  # reopen last launch's tabs (and open a fresh one if none come back)
+    new_tab: bool = False  # --new: a fresh tab beside the restored ones
+    persist: bool = True  # False (--ephemeral): conversations opened here are never written
+    remember_layout: bool = True  # save open tabs, active tab and theme for the next launch
+    theme: str | None = None  # --theme: wins over the remembered choice
+
+
+class ChatApp(App[int]):
+    TITLE = "chatkv"
+    COMMANDS = App.COMMANDS | {ChatCommands}
+    CSS = """
+    #main { height: 1fr; }
+    #main > StatsPanel { dock: right; }
+    """
+    BINDINGS = [
+        Binding("ctrl+t", "new_tab", "New tab", id="new_tab"),
+        Binding("ctrl+w", "close_tab", "Close tab", id="close_tab", priority=True),
+        Binding("ctrl+r", "rename_tab", "Rename", id="rename_tab"),
+        Binding("escape", "stop_reply", "Stop reply", id="stop_reply"),
+        Binding("ctrl+pagedown,alt+right", "next_tab", "Next tab", id="next_tab", show=False),
+        Binding("ctrl+pageup,alt+left", "previous_tab", "Previous tab", id="previous_tab", show=False),
+        *[Binding(f"alt+{n}", f"go_to_tab({n})", f"Tab {n}", id=f"go_to_tab_{n}", show=False) for n in range(1, 10)],
+        Binding("f2", "toggle_stats", "Stats", id="toggle_stats"),
+    ]
+
+    def __init__(self, settings: Settings, engine, store: ConversationStore, themes: list[Theme],
+                 theme_problems: list[str], options: AppOptions) -> None:
+        super().__init__()
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.options = options
+        self.startup_notes = list(theme_problems)
+        for theme in themes:
+            self.register_theme(theme)
+        self._stats_ticks = 0
+        self._stats_toggled_by_user = False
+
+    # layout --------------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        # held as attributes, not queried: the app's queries only see the top screen, which may be a dialog
+        self.chat_tabs = ChatTabs(id="chats")
+        self.stats_panel = StatsPanel()
+        yield Header()
+        with Horizontal(id="main"):
+            yield self.chat_tabs
+            yield self.stats_panel
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        state = self.store.load_state(self.startup_notes)
+        self._apply_theme(self.options.theme or state.get("theme") or self.settings.ui.theme)
+        self.theme_changed_signal.subscribe(self, lambda _theme: self.save_layout())
+        self._place_stats_panel()
+        if self.options.restore_tabs:
+            await self._restore_tabs(state)
+        for note in self.startup_notes:
+            self.notify(note, severity="warning", timeout=10)
+        self.set_interval(STATS_REFRESH_SECONDS, self.refresh_stats)
+        self.refresh_stats(force=True)
+
+    def _apply_theme(self, name: str) -> None:
+        if name in self.available_themes:
+            self.theme = name
+            return
+        self.startup_notes.append(f"Theme {name!r} not found; using {FALLBACK_THEME}. The command palette lists the themes.")
+        self.theme = FALLBACK_THEME
+
+    async def _restore_tabs(self, state: dict) -> None:
+        opened = 0
+        for session_id in state.get("open_tabs", []):
+            try:
+                await self.open_conversation(self.store.get(session_id), activate=False)
+                opened += 1
+            except StoreError as exc:
+                self.startup_notes.append(f"A tab from last time could not be reopened: {exc}")
+        active = self.chat_tabs.find(state.get("active_tab") or "")
+        if active is not None:
+            self.chat_tabs.activate(active)
+        if self.options.new_tab or opened == 0:
+            await self.open_new_conversation()
+
+    # tabs ----------------------------------------------------------------------------------------
+    def default_sampling(self) -> Sampling:
+        generation = self.settings.generation
+        return Sampling(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
+                        top_p=generation.top_p, max_time_ms=generation.max_time_ms)
+
+    def save_conversation(self, conversation: Conversation) -> None:
+        try:
+            self.store.save(conversation)
+        except StoreError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+
+    async def open_conversation(self, conversation: Conversation, activate: bool = True, persist: bool | None = None) -> ChatTab:
+        """Show a conversation in a tab (the one already showing it, if any)."""
+        existing = self.chat_tabs.find(conversation.id)
+        if existing is not None:
+            self.chat_tabs.activate(existing)
+            return existing
+        persist = self.options.persist if persist is None else persist
+        save = self.save_conversation if persist else (lambda _conversation: None)
+        tab = ChatTab(conversation, self.engine, save, self.default_sampling(), persisted=persist)
+        await self.chat_tabs.add(tab, activate=activate)
+        self.save_layout()
+        return tab
+
+    async def open_new_conversation(self, name: str = "", system: str | None = None, session_id: str | None = None) -> ChatTab:
+        conversation = self.store.new_conversation(name or None, self.settings.generation.system_prompt if system is None else system)
+        if session_id:
+            conversation.id = session_id
+        tab = await self.open_conversation(conversation)
+        tab.save()  # saved at once, so the tab comes back even before its first message
+        self.save_layout()
+        return tab
+
+    async def open_saved(self, session_id: str) -> None:
+        try:
+            await self.open_conversation(self.store.get(session_id))
+        except StoreError as exc:
+            self.notify(str(exc), severity="error")
+
+    async def closed_conversations(self) -> list[Conversation]:
+        conversations, _ = await asyncio.to_thread(self.store.load_all)
+        open_ids = {tab.session_id for tab in self.chat_tabs.chat_tabs}
+        return [conversation for conversation in conversations if conversation.id not in open_ids]
+
+    async def close_tab(self, tab: ChatTab, choice: CloseChoice = CloseChoice.CLOSE) -> None:
+        """Close a tab; its reply (if any) is stopped first. DELETE also drops the saved conversation and its KV."""
+        tab.stop()
+        await self.chat_tabs.close(tab)
+        if choice is CloseChoice.DELETE or not tab.persisted:
+            await asyncio.to_thread(self.engine.forget, tab.session_id)
+        if choice is CloseChoice.DELETE:
+            try:
+                self.store.delete(tab.session_id)
+            except StoreError as exc:
+                self.notify(str(exc), severity="error")
+        if self.options.restore_tabs and not self.chat_tabs.chat_tabs:
+            await self.open_new_conversation()
+        self.save_layout()
+
+    def save_layout(self) -> None:
+        if not self.options.remember_layout or not self.chat_tabs.is_mounted:
+            return
+        tabs = [tab for tab in self.chat_tabs.chat_tabs if tab.persisted]
+        current = self.chat_tabs.current
+        state = {"open_tabs": [tab.session_id for tab in tabs],
+                 "active_tab": current.session_id if current in tabs else None, "theme": self.theme}
+        try:
+            self.store.save_state(state)
+        except StoreError as exc:
+            self.notify(str(exc), severity="error")
+
+    def on_tabbed_content_tab_activated(self, event: ChatTabs.TabActivated) -> None:
+        self.save_layout()
+        self.refresh_stats(force=True)
+
+    def on_chat_tab_busy_changed(self, event: ChatTab.BusyChanged) -> None:
+        self.refresh_bindings()
+        self.refresh_stats(force=True)
+
+    # actions ---------------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in TAB_ACTIONS and isinstance(self.screen, ModalScreen):
+            return False
+        if action == "stop_reply":
+            current = self.chat_tabs.current if self.chat_tabs.is_mounted else None
+            return True if current is not None and current.generating else None
+        return True
+
+    def action_new_tab(self) -> None:
+        async def create(request: NewTabRequest | None) -> None:
+            if request is not None:
+                await self.open_new_conversation(request.name, request.system)
+
+        self.push_screen(NewTabScreen(self.settings.generation.system_prompt), create)
+
+    def action_close_tab(self) -> None:
+        tab = self.chat_tabs.current
+        if tab is None:
+            return
+
+        async def close(choice: CloseChoice | None) -> None:
+            if choice is not None and tab.is_attached:
+                await self.close_tab(tab, choice)
+
+        self.push_screen(ConfirmCloseScreen(tab.conversation.name, tab.generating), close)
+
+    def action_rename_tab(self) -> None:
+        tab = self.chat_tabs.current
+        if tab is None:
+            return
+
+        def rename(name: str | None) -> None:
+            if name and tab.is_attached:
+                tab.conversation.name = name
+                tab.save()
+                self.chat_tabs.relabel(tab)
+
+        self.push_screen(RenameTabScreen(tab.conversation.name), rename)
+
+    def action_stop_reply(self) -> None:
+        tab = self.chat_tabs.current
+        if tab is not None and tab.stop():
+            self.notify("Stopping the reply; what was written is kept.", timeout=3)
+
+    def action_next_tab(self) -> None:
+        self.chat_tabs.step(1)
+
+    def action_previous_tab(self) -> None:
+        self.chat_tabs.step(-1)
+
+    def action_go_to_tab(self, number: int) -> None:
+        tabs = self.chat_tabs.chat_tabs
+        if 1 <= number <= len(tabs):
+            self.chat_tabs.activate(tabs[number - 1])
+
+    def action_toggle_stats(self) -> None:
+        self._stats_toggled_by_user = True
+        self.stats_panel.display = not self.stats_panel.display
+        self.refresh_stats(force=True)
+
+    async def action_save_snapshots(self) -> None:
+        written = await asyncio.to_thread(self.engine.snapshot, self.persisted_session_ids())
+        self.notify(f"Saved the KV cache of {written} session(s) to disk.")
+
+    async def action_quit(self) -> None:
+        """Stop running replies and let their tabs save what was written, then leave."""
+        running = [tab for tab in self.chat_tabs.chat_tabs if tab.generating]
+        for tab in running:
+            tab.stop()
+        if running:
+            await asyncio.wait([asyncio.create_task(tab.wait_for_turn()) for tab in running], timeout=5)
+        self.exit(0)
+
+    def persisted_session_ids(self) -> list[str]:
+        return [tab.session_id for tab in self.chat_tabs.chat_tabs if tab.persisted]
+
+    # stats panel -----------------------------------------------------------------------------------
+    def _place_stats_panel(self) -> None:
+        choice = self.settings.ui.stats_panel
+        self.stats_panel.display = choice == "show" or (choice == "auto" and self.size.width >= WIDE_ENOUGH_FOR_STATS)
+
+    def on_resize(self) -> None:
+        if not self._stats_toggled_by_user and self.stats_panel.is_mounted:
+            self._place_stats_panel()
+
+    def refresh_stats(self, force: bool = False) -> None:
+        """Several times a second while any tab is writing; every couple of seconds otherwise."""
+        panel = self.stats_panel
+        if not panel.display:
+            return
+        self._stats_ticks += 1
+        busy = any(tab.generating for tab in self.chat_tabs.chat_tabs)
+        if not (force or busy or self._stats_ticks >= STATS_IDLE_EVERY):
+            return
+        self._stats_ticks = 0
+        current = self.chat_tabs.current
+        panel.show_stats(self.engine.stats(), self.engine.session_stats(current.session_id) if current else None)
+
+
+def builtin_themes_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "themes"
+
+
+def make_app(settings: Settings, engine, store: ConversationStore, user_themes_dir: Path | None,
+             options: AppOptions | None = None) -> ChatApp:
+    """Build the app: load the theme files (problems are shown once the app runs), nothing else happens yet."""
+    themes: list[Theme] = []
+    problems: list[str] = []
+    try:
+        from chatkv.tui.themes import load_themes
+    except ImportError:
+        pass  # themes are a colleague's file still to come; Textual's own themes remain
+    else:
+        themes, problems = load_themes(builtin_themes_dir(), user_themes_dir)
+    return ChatApp(settings, engine, store, themes, problems, options or AppOptions())

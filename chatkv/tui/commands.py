@@ -1,0 +1,73 @@
+"""The command palette's chatkv commands: every app action, a 'Switch to' per open tab, a 'Reopen' per closed conversation.
+
+Theme switching is Textual's own 'Theme' command; the app remembers whatever it picks.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.content import Content
+from textual.fuzzy import Matcher
+
+from chatkv.conversation import Conversation
+
+if TYPE_CHECKING:
+    from chatkv.tui.app import ChatApp
+
+
+class PaletteCommand(NamedTuple):
+    name: str
+    help: str
+    run: Callable[[], object]
+
+
+def highlight_literally(matcher: Matcher, text: str) -> Content:
+    """Like ``Matcher.highlight``, but a tab name with brackets in it is shown as written, never parsed as markup."""
+    content = Content(text)
+    _, offsets = matcher.fuzzy_search.match(matcher.query, text)
+    for offset in offsets:
+        content = content.stylize(matcher.match_style, offset, offset + 1)
+    return content
+
+
+class ChatCommands(Provider):
+    async def startup(self) -> None:
+        # read once per palette opening, not per keystroke
+        self.closed: list[Conversation] = await self.app.closed_conversations()
+
+    def commands(self) -> list[PaletteCommand]:
+        app: ChatApp = self.app  # type: ignore[assignment]
+        commands = [
+            PaletteCommand("New tab", "Open a chat tab, with an optional name and system prompt", app.action_new_tab),
+            PaletteCommand("Close tab", "Close the current tab (its conversation stays saved) or delete it", app.action_close_tab),
+            PaletteCommand("Rename tab", "Give the current tab a new name", app.action_rename_tab),
+            PaletteCommand("Stop reply", "Stop the reply being written in the current tab, keeping its text", app.action_stop_reply),
+            PaletteCommand("Next tab", "Switch to the tab on the right", app.action_next_tab),
+            PaletteCommand("Previous tab", "Switch to the tab on the left", app.action_previous_tab),
+            PaletteCommand("Toggle stats panel", "Show or hide the live cache and batching figures", app.action_toggle_stats),
+            PaletteCommand("Save KV snapshots", "Write every session's KV cache to disk now", app.action_save_snapshots),
+        ]
+        for tab in app.chat_tabs.chat_tabs:
+            name = tab.conversation.name
+            commands.append(PaletteCommand(f"Switch to: {name}", f"Go to the tab {name!r}", partial(app.chat_tabs.activate, tab)))
+        for conversation in self.closed:
+            commands.append(PaletteCommand(
+                f"Reopen: {conversation.name}",
+                f"Open the saved conversation {conversation.name!r} ({conversation.turns} turns) in a tab",
+                partial(app.run_worker, app.open_saved(conversation.id)),
+            ))
+        return commands
+
+    async def discover(self) -> Hits:
+        for command in self.commands():
+            yield DiscoveryHit(Content(command.name), command.run, text=command.name, help=command.help)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for command in self.commands():
+            score = matcher.match(command.name)
+            if score > 0:
+                yield Hit(score, highlight_literally(matcher, command.name), command.run, text=command.name, help=command.help)

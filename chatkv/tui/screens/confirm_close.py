@@ -1,0 +1,60 @@
+"""Dialog before closing a tab: close it (the conversation stays saved), delete the conversation too, or cancel."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.widgets import Button, Label
+
+
+class CloseChoice(Enum):
+    CLOSE = "close"
+    DELETE = "delete"
+
+
+class ConfirmCloseScreen(ModalScreen[CloseChoice | None]):
+    DEFAULT_CSS = """
+    ConfirmCloseScreen { align: center middle; }
+    ConfirmCloseScreen > Vertical {
+        width: 70;
+        height: auto;
+        padding: 1 2;
+        border: thick $warning;
+        background: $surface;
+    }
+    ConfirmCloseScreen Horizontal { height: auto; align-horizontal: right; margin-top: 1; }
+    ConfirmCloseScreen Button { margin-left: 1; }
+    """
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="dialog.cancel")]
+
+    def __init__(self, tab_name: str, generating: bool) -> None:
+        super().__init__()
+        self.tab_name = tab_name
+        self.generating = generating
+
+    def compose(self) -> ComposeResult:
+        question = f"Close {self.tab_name!r}?"
+        if self.generating:
+            question += " Its reply is still being written and will be stopped."
+        with Vertical():
+            yield Label(Content(question))
+            yield Label(Content("Closing keeps the conversation saved (see `chatkv sessions`); deleting removes it."))
+            with Horizontal():
+                yield Button("Cancel", id="cancel")
+                yield Button("Delete", id="delete", variant="error")
+                yield Button("Close", id="close", variant="primary")
+
+    def on_mount(self) -> None:
+        self.query_one("#close", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        choices = {"close": CloseChoice.CLOSE, "delete": CloseChoice.DELETE}
+        self.dismiss(choices.get(event.button.id or ""))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,40 @@
+"""Dialog to rename the current tab."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label
+
+
+class RenameTabScreen(ModalScreen[str | None]):
+    """Dismisses with the new name, or None when cancelled or left blank."""
+
+    DEFAULT_CSS = """
+    RenameTabScreen { align: center middle; }
+    RenameTabScreen > Vertical {
+        width: 60;
+        height: auto;
+        padding: 1 2;
+        border: thick $primary;
+        background: $surface;
+    }
+    """
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="dialog.cancel")]
+
+    def __init__(self, current_name: str) -> None:
+        super().__init__()
+        self.current_name = current_name
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("New name (Enter to keep it, Esc to cancel)")
+            yield Input(self.current_name, id="name")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,134 @@
+"""The blocks a chat is made of: what the user wrote, the model's reply with its footer, and notes.
+
+Everything the model or the user wrote is shown literally: user text is plain ``Content`` (never
+parsed as markup), replies are Markdown with raw HTML switched off, and both go through
+``literal_text.visible`` so control characters never reach the terminal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from markdown_it import MarkdownIt
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.content import Content
+from textual.widgets import Markdown, Static
+from textual.widgets.markdown import MarkdownStream
+
+from chatkv.tui.literal_text import visible
+
+FINISH_NOTES = {
+    "length": "stopped at the token limit",
+    "time": "stopped at the time limit",
+    "cancelled": "stopped",
+    "error": "failed",
+}
+
+
+def reply_parser() -> MarkdownIt:
+    """GitHub-flavoured Markdown with raw HTML shown as text; single newlines kept, as the model wrote them."""
+    return MarkdownIt("gfm-like", {"html": False, "breaks": True})
+
+
+def describe_reply(stats: dict[str, Any]) -> str:
+    """The footer under a reply: '42 tokens · TTFT 85 ms · 31.0 tok/s · 118/130 prompt tokens from cache'."""
+    parts = [f"{stats.get('new_tokens', 0)} tokens"]
+    if stats.get("ttft_ms") is not None:
+        parts.append(f"TTFT {stats['ttft_ms']:.0f} ms")
+    if stats.get("decode_tok_s") is not None:
+        parts.append(f"{stats['decode_tok_s']:.1f} tok/s")
+    if stats.get("prompt_tokens"):
+        parts.append(f"{stats.get('reused_tokens', 0)}/{stats['prompt_tokens']} prompt tokens from cache")
+    note = FINISH_NOTES.get(stats.get("finish_reason", ""))
+    if note:
+        parts.append(note)
+    return " · ".join(parts)
+
+
+class UserMessage(Static):
+    DEFAULT_CSS = """
+    UserMessage {
+        margin: 1 0 0 8;
+        padding: 0 1;
+        background: $boost;
+        border-left: thick $accent;
+    }
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(Content(visible(text)))
+        self.text = text
+
+
+class ChatNote(Static):
+    """A line from the app itself inside the chat: an error, or why a turn did not run."""
+
+    DEFAULT_CSS = """
+    ChatNote {
+        margin: 1 0 0 0;
+        padding: 0 1;
+        color: $text-warning;
+    }
+    ChatNote.-error { color: $text-error; }
+    """
+
+    def __init__(self, text: str, error: bool = False) -> None:
+        super().__init__(Content(text), classes="-error" if error else "")
+
+
+class AssistantReply(Vertical):
+    """One reply: Markdown that streams while the model writes, then a footer with the turn's figures."""
+
+    DEFAULT_CSS = """
+    AssistantReply {
+        height: auto;
+        margin: 1 8 0 0;
+    }
+    AssistantReply > Markdown {
+        margin: 0;
+        padding: 0 1;
+    }
+    AssistantReply > .reply-footer {
+        color: $text-muted;
+        padding: 0 1;
+    }
+    AssistantReply.-streaming > .reply-footer { color: $text-accent; }
+    AssistantReply.-stopped > .reply-footer { color: $text-warning; }
+    """
+
+    def __init__(self, text: str = "", stats: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.text = text
+        self._initial_stats = stats
+        self._stream: MarkdownStream | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Markdown(visible(self.text), parser_factory=reply_parser, open_links=False)
+        footer = describe_reply(self._initial_stats) if self._initial_stats else ""
+        yield Static(Content(footer), classes="reply-footer")
+
+    @property
+    def markdown(self) -> Markdown:
+        return self.query_one(Markdown)
+
+    def begin_streaming(self) -> None:
+        self.add_class("-streaming")
+        self.query_one(".reply-footer", Static).update(Content("writing…"))
+        self._stream = Markdown.get_stream(self.markdown)
+
+    async def append(self, fragment: str) -> None:
+        self.text += fragment
+        if self._stream is not None:
+            await self._stream.write(visible(fragment))
+
+    async def finish(self, text: str, stats: dict[str, Any]) -> None:
+        """Stop streaming and render the whole reply once, so the end result never depends on how it was chunked."""
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.text = text
+        await self.markdown.update(visible(text))
+        self.remove_class("-streaming")
+        self.set_class(stats.get("finish_reason") == "cancelled", "-stopped")
+        self.query_one(".reply-footer", Static).update(Content(describe_reply(stats)))
