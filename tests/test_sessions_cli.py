@@ -1,0 +1,289 @@
+"""``chatkv sessions ...`` through the real argument parser, on a private CHATKV_HOME."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from chatkv.cli import main
+from chatkv.conversation import Conversation, Message
+from chatkv.lock import DataDirLock
+from chatkv.paths import Paths
+from chatkv.store import ConversationStore
+
+
+@pytest.fixture
+def store(data_dir: Path) -> ConversationStore:
+    return ConversationStore(Paths.resolve())
+
+
+def saved(store: ConversationStore, name: str, turns: int = 2, system: str = "Answer in French.") -> Conversation:
+    conversation = store.new_conversation(name=name, system=system)
+    for turn in range(turns):
+        conversation.messages.append(Message("user", f"Question {turn}?"))
+        conversation.messages.append(Message("assistant", f"Réponse {turn}.", token_ids=[5, 6, 7]))
+    store.save(conversation)
+    return conversation
+
+
+class FakeTerminal(io.StringIO):
+    """stdin as a person at a terminal: isatty() is true and input() reads the typed answer."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+# -- list ------------------------------------------------------------------------------------------
+
+
+def test_list_shows_id_name_turns_and_last_updated(store: ConversationStore, capsys):
+    first = saved(store, "Paris trip", turns=3)
+    second = saved(store, "Groceries", turns=1)
+
+    assert main(["sessions", "list"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "NAME", "TURNS", "LAST", "UPDATED"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {first.id, second.id}
+    assert "Paris trip" in rows[first.id] and " 3 " in rows[first.id]
+    assert "Groceries" in rows[second.id] and " 1 " in rows[second.id]
+
+
+def test_list_with_no_sessions_says_so(store: ConversationStore, capsys):
+    assert main(["sessions", "list"]) == 0
+
+    assert "No saved conversations" in capsys.readouterr().out
+
+
+def test_list_reports_a_broken_file_and_still_lists_the_rest(store: ConversationStore, capsys):
+    good = saved(store, "Fine")
+    (store.folder / "oops.json").write_bytes(b"{truncated")
+
+    assert main(["sessions", "list"]) == 0
+
+    captured = capsys.readouterr()
+    assert good.id in captured.out
+    assert "oops.json could not be used: it is not valid JSON" in captured.err
+    assert (store.quarantine_folder / "oops.json").exists()
+
+
+def test_list_does_not_pass_escape_sequences_from_a_name_to_the_terminal(store: ConversationStore, capsys):
+    saved(store, "evil\x1b]0;pwned\x07\x1b[2J name")
+
+    assert main(["sessions", "list"]) == 0
+
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "evil" in out
+
+
+# -- show ------------------------------------------------------------------------------------------
+
+
+def test_show_prints_system_prompt_and_every_turn(store: ConversationStore, capsys):
+    conversation = saved(store, "Paris trip")
+
+    assert main(["sessions", "show", "Paris trip"]) == 0
+
+    out = capsys.readouterr().out
+    assert f"Paris trip  ({conversation.id})" in out
+    assert "Answer in French." in out
+    assert out.index("Question 0?") < out.index("Réponse 0.") < out.index("Question 1?") < out.index("Réponse 1.")
+
+
+def test_show_unknown_session_says_so_and_exits_1_without_traceback(store: ConversationStore, capsys):
+    assert main(["sessions", "show", "nope"]) == 1
+
+    captured = capsys.readouterr()
+    assert "No saved conversation with the id or name 'nope'" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_show_with_an_unsafe_id_is_a_message_not_a_crash(store: ConversationStore, capsys):
+    assert main(["sessions", "show", "../../etc/passwd"]) == 1
+
+    assert "No saved conversation" in capsys.readouterr().err
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+def test_export_markdown_has_title_system_prompt_and_role_headings(store: ConversationStore, capsys):
+    conversation = saved(store, "Paris trip", turns=1)
+
+    assert main(["sessions", "export", conversation.id]) == 0
+
+    out = capsys.readouterr().out
+    assert out.startswith("# Paris trip\n")
+    assert "## System prompt\n\nAnswer in French.\n" in out
+    assert "## You\n\nQuestion 0?\n" in out
+    assert "## Assistant\n\nRéponse 0.\n" in out
+
+
+def test_export_json_to_a_file_round_trips_the_conversation(store: ConversationStore, tmp_path: Path, capsys):
+    conversation = saved(store, "Paris trip")
+    target = tmp_path / "out" / "trip.json"
+    target.parent.mkdir()
+
+    assert main(["sessions", "export", "Paris trip", "--format", "json", "-o", str(target)]) == 0
+
+    assert Conversation.from_dict(orjson.loads(target.read_bytes())) == conversation
+    assert [name for name in os.listdir(target.parent)] == ["trip.json"]  # no temp file left
+    assert str(target) in capsys.readouterr().err
+
+
+def test_export_json_to_stdout_is_the_full_record(store: ConversationStore, capsys):
+    conversation = saved(store, "Paris trip")
+
+    assert main(["sessions", "export", "Paris trip", "--format", "json"]) == 0
+
+    assert orjson.loads(capsys.readouterr().out) == conversation.to_dict()
+
+
+def test_export_into_a_missing_folder_explains_and_exits_1(store: ConversationStore, tmp_path: Path, capsys):
+    saved(store, "Paris trip")
+
+    assert main(["sessions", "export", "Paris trip", "-o", str(tmp_path / "no" / "such" / "x.md")]) == 1
+
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_onto_a_folder_explains_and_exits_1(store: ConversationStore, tmp_path: Path, capsys):
+    saved(store, "Paris trip")
+
+    assert main(["sessions", "export", "Paris trip", "-o", str(tmp_path)]) == 1
+
+    assert "is a folder" in capsys.readouterr().err
+
+
+# -- delete ----------------------------------------------------------------------------------------
+
+
+def test_delete_with_yes_removes_conversation_and_snapshot(store: ConversationStore, capsys):
+    conversation = saved(store, "Paris trip")
+    snapshot = store.snapshot_file(conversation.id)
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_bytes(b"kv")
+
+    assert main(["sessions", "delete", "Paris trip", "-y"]) == 0
+
+    assert not store.session_file(conversation.id).exists()
+    assert not snapshot.exists()
+    assert "Deleted 'Paris trip'" in capsys.readouterr().out
+
+
+def test_delete_without_a_terminal_and_without_yes_refuses(store: ConversationStore, monkeypatch, capsys):
+    conversation = saved(store, "Paris trip")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+
+    assert main(["sessions", "delete", conversation.id]) == 1
+
+    assert "Add -y" in capsys.readouterr().err
+    assert store.session_file(conversation.id).exists()
+
+
+def test_delete_on_a_terminal_asks_and_deletes_on_yes(store: ConversationStore, monkeypatch, capsys):
+    conversation = saved(store, "Paris trip")
+    monkeypatch.setattr(sys, "stdin", FakeTerminal("y\n"))
+
+    assert main(["sessions", "delete", conversation.id]) == 0
+
+    assert "Delete conversation 'Paris trip'" in capsys.readouterr().out
+    assert not store.session_file(conversation.id).exists()
+
+
+@pytest.mark.parametrize("answer", ["\n", "n\n", "nope\n", ""])
+def test_delete_on_a_terminal_keeps_the_conversation_unless_the_answer_is_yes(store: ConversationStore, monkeypatch, capsys, answer: str):
+    conversation = saved(store, "Paris trip")
+    monkeypatch.setattr(sys, "stdin", FakeTerminal(answer))
+
+    assert main(["sessions", "delete", conversation.id]) == 1
+
+    assert "Nothing deleted." in capsys.readouterr().out
+    assert store.session_file(conversation.id).exists()
+
+
+def test_delete_while_chatkv_is_running_is_refused(store: ConversationStore, capsys):
+    conversation = saved(store, "Paris trip")
+
+    with DataDirLock(store.paths.data):
+        assert main(["sessions", "delete", conversation.id, "-y"]) == 1
+
+    assert f"(pid {os.getpid()}) is using" in capsys.readouterr().err
+    assert store.session_file(conversation.id).exists()
+
+
+def test_delete_unknown_session_exits_1(store: ConversationStore, capsys):
+    assert main(["sessions", "delete", "ghost", "-y"]) == 1
+
+    assert "No saved conversation" in capsys.readouterr().err
+
+
+def test_data_dir_flag_points_at_another_folder(store: ConversationStore, tmp_path: Path, capsys):
+    saved(store, "in the env folder")
+    other = tmp_path / "other-home"
+    ConversationStore(Paths.resolve(other)).save(Conversation(id="elsewhere1", name="elsewhere"))
+
+    assert main(["sessions", "list", "--data-dir", str(other)]) == 0
+
+    out = capsys.readouterr().out
+    assert "elsewhere1" in out and "in the env folder" not in out
+
+
+def test_unexpected_error_is_one_line_not_a_traceback(store: ConversationStore, monkeypatch, capsys):
+    def broken_load_all(self):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(ConversationStore, "load_all", broken_load_all)
+    monkeypatch.delenv("CHATKV_DEBUG", raising=False)
+
+    assert main(["sessions", "list"]) == 1
+
+    err = capsys.readouterr().err
+    assert "internal error, please report it: RuntimeError: boom" in err
+    assert "Traceback" not in err
+
+
+# -- the installed command -------------------------------------------------------------------------
+
+
+def installed_chatkv() -> str:
+    beside_python = Path(sys.executable).with_name("chatkv")
+    found = str(beside_python) if beside_python.exists() else shutil.which("chatkv")
+    assert found, "the chatkv console script is not installed (pip install -e .)"
+    return found
+
+
+def test_installed_console_script_lists_sessions(store: ConversationStore):
+    conversation = saved(store, "From the shell")
+
+    result = subprocess.run([installed_chatkv(), "sessions", "list"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "CHATKV_HOME": str(store.paths.data.parent)})
+
+    assert result.returncode == 0, result.stderr
+    assert conversation.id in result.stdout and "From the shell" in result.stdout
+    assert result.stderr == ""
+
+
+def test_sessions_commands_do_not_import_torch(store: ConversationStore):
+    # the model stack takes seconds to import; listing conversations must not pay for it
+    conversation = saved(store, "Light")
+    code = (
+        "import sys; from chatkv.cli import main; "
+        f"codes = [main(['sessions', 'list']), main(['sessions', 'show', '{conversation.id}']), "
+        f"main(['sessions', 'export', '{conversation.id}'])]; "
+        "assert codes == [0, 0, 0], codes; "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'textual') if m in sys.modules); "
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "CHATKV_HOME": str(store.paths.data.parent)})
+
+    assert result.returncode == 0, result.stderr
