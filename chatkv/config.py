@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -180,10 +181,13 @@ def apply_mapping(settings: Settings, data: dict[str, Any]) -> list[str]:
     return problems
 
 
-def load_settings(path: Path | None) -> tuple[Settings, list[str]]:
+def load_settings(path: str | os.PathLike | None) -> tuple[Settings, list[str]]:
     """Read the config file if there is one. Never raises for the file's content: problems come back as messages."""
     settings = Settings()
-    if path is None or not path.exists():
+    if path is None:
+        return settings, []
+    path = Path(path)  # --config arrives as a plain string
+    if not path.exists():
         return settings, []
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
