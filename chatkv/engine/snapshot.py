@@ -166,6 +166,9 @@ class SnapshotStore:
         kept for last_error(); a missing file is only recorded.
         """
         with self._lock:
+            # Whatever this store believed the file held no longer counts: if it is refused, the next save
+            # of the same tokens must rewrite it rather than skip.
+            self._known_headers.pop(session_id, None)
             try:
                 path = self._path_for(session_id)
                 snapshot, header_key = self._read_verified(path, expected_layout, dtype)
