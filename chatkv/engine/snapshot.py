@@ -383,7 +383,9 @@ def _check_format(header: dict[str, str]) -> None:
 
 
 def _check_fingerprint(header: dict[str, str], running: Fingerprint) -> None:
-    made_with = Fingerprint(_field(header, "model_id"), _field(header, "model_config_hash"), _field(header, "model_dtype"))
+    made_with = Fingerprint(
+        _field(header, "model_id"), _field(header, "model_config_hash"), _field(header, "model_dtype")
+    )
     if (made_with.model_id, made_with.config_hash) != (running.model_id, running.config_hash):
         raise SnapshotError(
             f"it was made with a different model ({made_with.model_id}, config {made_with.config_hash}) "

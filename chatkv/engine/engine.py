@@ -1,0 +1,467 @@
+"""The engine: one background thread owns the model and serves every chat session.
+
+Callers (the TUI, headless mode, the bench) submit a turn for a session and get a ``TurnHandle``
+that streams tokens and ends with a ``TurnResult``. The thread loops: admit waiting turns (reusing
+each session's cached KV up to the longest common prefix with its new prompt), run one packed
+forward pass for everything scheduled, sample, stream, finish what is done.
+
+A failure while serving one session fails that turn with a message; the thread and the other
+sessions carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Callable
+
+from chatkv.config import Settings
+from chatkv.conversation import Message
+from chatkv.engine.api import (
+    EngineError,
+    EngineStats,
+    FinishReason,
+    Sampling,
+    SessionStats,
+    TokenEvent,
+    TurnHandle,
+    TurnResult,
+)
+from chatkv.engine.attention import Segment
+from chatkv.engine.kv_store import KvBudgetError, KvStore, SessionKv
+from chatkv.engine.metrics import EngineMetrics
+from chatkv.engine.prompt import ChatRenderer
+from chatkv.engine.runner import ModelRunner
+from chatkv.engine.sampler import make_generator, next_token
+from chatkv.engine.scheduler import PlannedSegment, Scheduler
+from chatkv.engine.turn import Turn, TurnState
+from chatkv.model.loader import ModelBundle
+
+
+def eos_token_ids(bundle: ModelBundle) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(bundle.model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if bundle.tokenizer.eos_token_id is not None:
+        ids.add(bundle.tokenizer.eos_token_id)
+    return ids
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    limit = min(len(a), len(b))
+    for index in range(limit):
+        if a[index] != b[index]:
+            return index
+    return limit
+
+
+class Engine:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        settings: Settings | None = None,
+        snapshot_dir: Path | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.settings = settings or Settings()
+        self.kv_options = self.settings.kv
+        self._log = log or (lambda message: None)
+        self.tokenizer = bundle.tokenizer
+        self.eos_ids = eos_token_ids(bundle)
+        self.renderer = ChatRenderer(bundle.tokenizer, self.eos_ids)
+        self.runner = ModelRunner(bundle)
+        self.context_limit = min(self.kv_options.max_tokens_per_session, bundle.max_context)
+        self.snapshots = self._open_snapshots(snapshot_dir)
+        self.store = KvStore(
+            self.runner.layout, bundle.dtype, bundle.device, self.kv_options, on_evict=self._spill_to_disk
+        )
+        self.scheduler = Scheduler(self.settings.batching)
+        self.metrics = EngineMetrics()
+        # one lock guards the scheduler, the store and the metrics; the engine thread releases it
+        # only while the model computes, so stats() and submit() never wait for a forward pass
+        self._lock = threading.RLock()
+        self._wakeup = threading.Condition(self._lock)
+        self._calls: list[tuple[Callable[[], object], Future]] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.fault_hook: Callable[[str], None] | None = None  # tests inject per-session failures here
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def _open_snapshots(self, snapshot_dir: Path | None):
+        if snapshot_dir is None or not self.settings.snapshot.enabled:
+            return None
+        from chatkv.engine.snapshot import SnapshotStore
+
+        return SnapshotStore(snapshot_dir, self.bundle.fingerprint, self.settings.snapshot.max_disk_bytes, log=self._log)
+
+    @property
+    def fingerprint(self):
+        return self.bundle.fingerprint
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="chatkv-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # public API --------------------------------------------------------------------------------
+    def submit(self, session_id: str, messages: list[Message], sampling: Sampling | None = None) -> TurnHandle:
+        """Queue a turn: ``messages`` is the whole conversation ending with the new user message."""
+        sampling = sampling or Sampling()
+        sampling.validate()
+        if not messages or messages[-1].role != "user":
+            raise EngineError("a turn must end with a user message")
+        reserve = min(sampling.max_new_tokens, self.context_limit // 2)
+        rendered = self.renderer.fit(messages, self.context_limit - reserve)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = TurnHandle(session_id, loop)
+        turn = Turn(session_id, rendered.ids, sampling, handle, dropped_messages=rendered.dropped_messages)
+        with self._wakeup:
+            if self._stopping:
+                raise EngineError("the engine is shutting down")
+            try:
+                self.scheduler.enqueue(turn)
+            except EngineError:
+                self.metrics.rejected_requests += 1
+                raise
+            self._wakeup.notify_all()
+        return handle
+
+    def cancel(self, session_id: str) -> bool:
+        """Stop the session's turn: a waiting one ends at once, a running one at the next step, keeping its text."""
+        with self._wakeup:
+            found = False
+            for turn in list(self.scheduler.waiting):
+                if turn.session_id == session_id:
+                    self.scheduler.remove(turn)
+                    self._finish(turn, "cancelled")
+                    found = True
+            for turn in self.scheduler.running:
+                if turn.session_id == session_id:
+                    turn.cancel_requested = True
+                    found = True
+            self._wakeup.notify_all()
+            return found
+
+    def forget(self, session_id: str) -> None:
+        """The session is gone (tab deleted): cancel its turn and drop its KV, in memory and on disk."""
+        self.cancel(session_id)
+        self.call_in_engine(lambda: self._forget_now(session_id)).result()
+
+    def snapshot(self, session_ids: list[str] | None = None) -> int:
+        """Write the KV of resident sessions to disk; returns how many were written."""
+        if self.snapshots is None:
+            return 0
+        return self.call_in_engine(lambda: self._snapshot_now(session_ids)).result()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            decode_rate, prefill_rate = self.metrics.rates()
+            metrics = self.metrics
+            return EngineStats(
+                sessions=len(self.store),
+                tokens=self.store.tokens,
+                bytes=self.store.bytes,
+                peak_bytes=self.store.peak_bytes,
+                budget_bytes=self.kv_options.max_bytes_total,
+                evictions=self.store.evictions.sessions,
+                evicted_tokens=self.store.evictions.tokens,
+                evicted_bytes=self.store.evictions.bytes,
+                prompt_tokens=metrics.prompt_tokens,
+                reused_tokens=metrics.reused_tokens,
+                hit_rate=metrics.hit_rate,
+                hit_rate_window=metrics.hit_rate_window,
+                turns=metrics.turns,
+                turn_hits=metrics.turn_hits,
+                disk_restores=metrics.disk_restores,
+                disk_reused_tokens=metrics.disk_reused_tokens,
+                disk_bytes=self.snapshots.disk_bytes() if self.snapshots else 0,
+                disk_budget_bytes=self.settings.snapshot.max_disk_bytes if self.snapshots else 0,
+                forward_passes=metrics.forward_passes,
+                avg_batch_size=metrics.avg_batch_size,
+                avg_batch_wait_ms=metrics.avg_batch_wait_ms,
+                avg_queue_depth=metrics.avg_queue_depth,
+                queue_depth=len(self.scheduler.waiting),
+                active_turns=len(self.scheduler.running),
+                rejected_requests=metrics.rejected_requests,
+                decode_tok_s=decode_rate,
+                prefill_tok_s=prefill_rate,
+                decode_tok_s_history=list(metrics.decode_history),
+                last_ttft_ms=metrics.last_ttft_ms,
+                generated_tokens=metrics.generated_tokens,
+                prefilled_tokens=metrics.prefilled_tokens,
+            )
+
+    def session_stats(self, session_id: str) -> SessionStats:
+        with self._lock:
+            entry = self.store.peek(session_id)
+            on_disk = self.snapshots.session_bytes(session_id) if self.snapshots else 0
+            if entry is None:
+                return SessionStats(session_id, 0, 0, resident=False, on_disk_bytes=on_disk)
+            return SessionStats(session_id, entry.length, entry.nbytes, resident=True, on_disk_bytes=on_disk)
+
+    def call_in_engine(self, function: Callable[[], object]) -> Future:
+        """Run ``function`` on the engine thread between two steps (or right here if the thread is not running)."""
+        future: Future = Future()
+        with self._wakeup:
+            if self._thread is None or not self._thread.is_alive():
+                future.set_result(function())
+                return future
+            self._calls.append((function, future))
+            self._wakeup.notify_all()
+        return future
+
+    # the engine thread -------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._stopping and not self._calls and not self.scheduler.has_work():
+                    self._wakeup.wait(timeout=0.5)
+                    self.metrics.sample_history()
+                if self._stopping:
+                    self._cancel_everything()
+                    self._run_calls()
+                    return
+                self._run_calls()
+                self._apply_cancellations()
+                delay = self.scheduler.batch_wait_remaining(time.perf_counter())
+                if delay > 0:
+                    self._wakeup.wait(timeout=delay)
+                    continue
+                for turn in self.scheduler.take_admissions():
+                    self._admit(turn)
+                plan = self.scheduler.plan_step()
+            if plan:
+                self._run_step(plan)
+
+    def _run_calls(self) -> None:
+        calls, self._calls = self._calls, []
+        for function, future in calls:
+            try:
+                future.set_result(function())
+            except Exception as exc:  # handed to the caller, who waits on the future
+                future.set_exception(exc)
+
+    def _apply_cancellations(self) -> None:
+        for turn in list(self.scheduler.running):
+            if turn.cancel_requested:
+                self._finish(turn, "cancelled")
+
+    def _cancel_everything(self) -> None:
+        for turn in list(self.scheduler.waiting) + list(self.scheduler.running):
+            self._finish(turn, "cancelled")
+
+    # admission ---------------------------------------------------------------------------------
+    def _admit(self, turn: Turn) -> None:
+        """Find the session's cached KV (memory, else disk), keep its common prefix with the prompt, reserve room."""
+        session_id = turn.session_id
+        entry, reused_from = self._cached_kv(turn)
+        reused = 0
+        if entry is not None:
+            # always prefill at least one token, so the step has logits to sample from
+            reused = min(common_prefix_length(entry.token_ids, turn.prompt_ids), turn.prompt_tokens - 1)
+            entry.truncate(reused)
+        turn.max_new_tokens = max(1, min(turn.sampling.max_new_tokens, self.context_limit - turn.prompt_tokens))
+        try:
+            self.store.reserve(session_id, turn.prompt_tokens + turn.max_new_tokens)
+        except KvBudgetError as exc:
+            if self.scheduler.running:
+                self.scheduler.requeue_front(turn)  # a running turn will free memory when it ends
+                return
+            self.store.drop(session_id)
+            self._finish(turn, "error", f"Not enough KV memory for this turn: {exc}. Raise max_bytes_total.")
+            return
+        self.store.pinned.add(session_id)
+        turn.reused_tokens = reused
+        turn.reused_from = reused_from if reused else "none"
+        turn.prefill_position = reused
+        turn.generator = make_generator(turn.sampling)
+        turn.admitted_at = time.perf_counter()
+        turn.state = TurnState.PREFILLING
+        self.scheduler.running.append(turn)
+        self.metrics.record_admission(turn.admitted_at - turn.submitted_at)
+
+    def _cached_kv(self, turn: Turn) -> tuple[SessionKv | None, str]:
+        if not self.kv_options.enabled:
+            self.store.drop(turn.session_id)
+            return None, "none"
+        entry = self.store.get(turn.session_id)
+        if entry is not None:
+            return entry, "memory"
+        if self.snapshots is None:
+            return None, "none"
+        snapshot = self.snapshots.load(
+            turn.session_id, (self.runner.layout.layers, self.runner.layout.kv_heads, self.runner.layout.head_dim),
+            self.bundle.dtype,
+        )
+        if snapshot is None:
+            return None, "none"
+        if turn.prompt_ids[: len(snapshot.token_ids)] != snapshot.token_ids:
+            self._log(f"snapshot for session {turn.session_id} ignored: its tokens do not match the conversation; recomputing")
+            return None, "none"
+        try:
+            extra = max(0, turn.prompt_tokens + turn.sampling.max_new_tokens - len(snapshot.token_ids))
+            entry = self.store.adopt(turn.session_id, snapshot.kv, snapshot.token_ids, extra)
+        except KvBudgetError:
+            return None, "none"
+        return entry, "disk"
+
+    # one step ----------------------------------------------------------------------------------
+    def _run_step(self, plan: list[PlannedSegment]) -> None:
+        try:
+            logits = self._forward(plan)
+        except Exception as exc:  # noqa: BLE001 - isolate the failing session below
+            if len(plan) == 1:
+                with self._lock:
+                    self._finish(plan[0].turn, "error", f"The model failed on this turn: {exc}")
+                return
+            # run each session alone: the ones that fail again are failed, the rest carry on
+            for segment in plan:
+                self._run_step([segment])
+            return
+        with self._lock:
+            self._after_forward(plan, logits)
+
+    def _forward(self, plan: list[PlannedSegment]):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        segments: list[Segment] = []
+        logits_rows: list[int] = []
+        for planned in plan:
+            if self.fault_hook is not None:
+                self.fault_hook(planned.turn.session_id)
+            entry = self.store.peek(planned.turn.session_id)
+            past = entry.length
+            segments.append(Segment(entry.kv, start=len(input_ids), length=len(planned.tokens), past=past))
+            input_ids.extend(planned.tokens)
+            positions.extend(range(past, past + len(planned.tokens)))
+            if planned.completes_prompt:
+                logits_rows.append(len(input_ids) - 1)
+        started = time.perf_counter()
+        logits = self.runner.forward(input_ids, positions, segments, logits_rows)
+        seconds = time.perf_counter() - started
+        prefill_tokens = sum(len(p.tokens) for p in plan if p.turn.state is TurnState.PREFILLING)
+        with self._lock:
+            self.metrics.record_step(len(plan), prefill_tokens, len(input_ids) - prefill_tokens, seconds,
+                                     len(self.scheduler.waiting))
+        return logits
+
+    def _after_forward(self, plan: list[PlannedSegment], logits) -> None:
+        now = time.perf_counter()
+        row = 0
+        for planned in plan:
+            turn = planned.turn
+            samples = planned.completes_prompt
+            entry = self.store.peek(turn.session_id)
+            entry.token_ids.extend(planned.tokens)  # their K/V are in the tensor now
+            if turn.state is TurnState.PREFILLING:
+                turn.prefill_position += len(planned.tokens)
+            if not samples:
+                continue
+            token = next_token(logits[row], turn.sampling, turn.generator)
+            row += 1
+            if turn.state is TurnState.PREFILLING:
+                turn.state = TurnState.DECODING
+                turn.first_token_at = now
+                turn.batch_size = len(plan)
+            self._append_token(turn, token, now)
+
+    def _append_token(self, turn: Turn, token: int, now: float) -> None:
+        turn.reply_ids.append(token)
+        turn.last_token_at = now
+        self.metrics.record_generated(1)
+        if token in self.eos_ids:
+            self._finish(turn, "stop")
+            return
+        text = self.tokenizer.decode(turn.reply_ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
+            delta = text[len(turn.reply_text):] if text.startswith(turn.reply_text) else text[common_prefix_length(list(text), list(turn.reply_text)):]
+            turn.reply_text = text
+            turn.handle._push(TokenEvent(turn.session_id, delta, token))
+        if turn.cancel_requested:
+            self._finish(turn, "cancelled")
+        elif len(turn.reply_ids) >= turn.max_new_tokens:
+            self._finish(turn, "length")
+        elif turn.sampling.max_time_ms and (now - turn.admitted_at) * 1000 >= turn.sampling.max_time_ms:
+            self._finish(turn, "time")
+
+    # finishing ---------------------------------------------------------------------------------
+    def _finish(self, turn: Turn, reason: FinishReason, error: str | None = None) -> None:
+        if turn.state is TurnState.FINISHED:
+            return
+        was_admitted = turn.state is not TurnState.WAITING
+        turn.state = TurnState.FINISHED
+        turn.finish_reason = reason
+        turn.error = error
+        self.scheduler.remove(turn)
+        if was_admitted:
+            self.store.pinned.discard(turn.session_id)
+            if not (self.kv_options.enabled and self.kv_options.persist_across_requests):
+                self.store.drop(turn.session_id)
+            self.metrics.record_turn(turn.prompt_tokens, turn.reused_tokens, turn.reused_from == "disk", turn.ttft_ms)
+        reply_ids = turn.reply_ids
+        reply = self.tokenizer.decode([t for t in reply_ids if t not in self.eos_ids], skip_special_tokens=True)
+        result = TurnResult(
+            session_id=turn.session_id,
+            reply=reply,
+            reply_ids=list(reply_ids),
+            prompt_ids=list(turn.prompt_ids),
+            prompt_tokens=turn.prompt_tokens,
+            reused_tokens=turn.reused_tokens,
+            reused_from=turn.reused_from,
+            prefilled_tokens=turn.prompt_tokens - turn.reused_tokens,
+            new_tokens=len(reply_ids),
+            ttft_ms=turn.ttft_ms,
+            decode_tok_s=turn.decode_tok_s,
+            batch_size=turn.batch_size,
+            finish_reason=reason,
+            dropped_messages=turn.dropped_messages,
+            error=error,
+            total_ms=(time.perf_counter() - turn.submitted_at) * 1000,
+        )
+        turn.handle._finish(result)
+
+    # KV on disk --------------------------------------------------------------------------------
+    def _spill_to_disk(self, entry: SessionKv) -> None:
+        if self.snapshots is not None:
+            self.snapshots.save(entry.session_id, entry.valid_kv(), list(entry.token_ids))
+
+    def _snapshot_now(self, session_ids: list[str] | None) -> int:
+        written = 0
+        with self._lock:
+            for entry in self.store.sessions():
+                if session_ids is not None and entry.session_id not in session_ids:
+                    continue
+                if entry.length and self.snapshots.save(entry.session_id, entry.valid_kv(), list(entry.token_ids)):
+                    written += 1
+        return written
+
+    def _forget_now(self, session_id: str) -> None:
+        with self._lock:
+            self.store.drop(session_id)
+            if self.snapshots is not None:
+                self.snapshots.delete(session_id)

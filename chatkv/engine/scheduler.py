@@ -1,0 +1,116 @@
+"""Decide what runs next: which waiting turns to admit, and which tokens go into the next forward pass.
+
+Policy, in short:
+- a bounded queue; a full queue rejects the turn at once with a message;
+- at most ``max_batch_size`` turns run at a time, one per session;
+- when nothing is decoding, new turns wait up to ``max_batch_wait_ms`` for company, so turns sent
+  together from several tabs share their prefill;
+- every step packs one token for each decoding turn (continuous batching: turns join and leave
+  between steps) and up to ``prefill_chunk_tokens`` of prompt from turns still prefilling;
+- ``prefill_only`` reproduces the seed design: prompts are prefilled together, but each turn then
+  decodes alone, one session per forward pass, in turn.
+
+The scheduler never touches the model or the KV tensors; the engine does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from chatkv.config import BatchingOptions
+from chatkv.engine.api import QueueFullError
+from chatkv.engine.turn import Turn, TurnState
+
+
+@dataclass
+class PlannedSegment:
+    turn: Turn
+    tokens: list[int]
+
+    @property
+    def completes_prompt(self) -> bool:
+        """True if this segment ends the turn's prompt (or is a decode token), so the step samples for it."""
+        if self.turn.state is TurnState.DECODING:
+            return True
+        return self.turn.prefill_position + len(self.tokens) == self.turn.prompt_tokens
+
+
+class Scheduler:
+    def __init__(self, options: BatchingOptions) -> None:
+        self.options = options
+        self.waiting: deque[Turn] = deque()
+        self.running: list[Turn] = []
+        self._decode_cursor = 0
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.options.max_batch_size if self.options.enabled else 1
+
+    def enqueue(self, turn: Turn) -> None:
+        if len(self.waiting) >= self.options.max_total_queued_requests:
+            raise QueueFullError(
+                f"The engine queue is full ({self.options.max_total_queued_requests} turns waiting). "
+                "Try again when a reply finishes."
+            )
+        self.waiting.append(turn)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def batch_wait_remaining(self, now: float) -> float:
+        """Seconds to keep waiting for more turns before admitting; 0 means admit now."""
+        if not self.waiting or any(t.state is TurnState.DECODING for t in self.running):
+            return 0.0
+        if len(self.waiting) + len(self.running) >= self.max_batch_size:
+            return 0.0
+        waited = now - self.waiting[0].submitted_at
+        return max(0.0, self.options.max_batch_wait_ms / 1000 - waited)
+
+    def take_admissions(self) -> list[Turn]:
+        """Waiting turns that may start now: free batch slots, and no other turn of the same session running."""
+        busy = {turn.session_id for turn in self.running}
+        admitted: list[Turn] = []
+        kept: deque[Turn] = deque()
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if len(self.running) + len(admitted) < self.max_batch_size and turn.session_id not in busy:
+                admitted.append(turn)
+                busy.add(turn.session_id)
+            else:
+                kept.append(turn)
+        self.waiting = kept
+        return admitted
+
+    def requeue_front(self, turn: Turn) -> None:
+        """A turn that could not get KV memory waits at the head of the queue for a running turn to finish."""
+        self.waiting.appendleft(turn)
+
+    def plan_step(self) -> list[PlannedSegment]:
+        decoding = [t for t in self.running if t.state is TurnState.DECODING]
+        prefilling = [t for t in self.running if t.state is TurnState.PREFILLING]
+        if self.options.prefill_only and not prefilling and decoding:
+            self._decode_cursor = (self._decode_cursor + 1) % len(decoding)
+            return [PlannedSegment(decoding[self._decode_cursor], decoding[self._decode_cursor].pending_input())]
+        plan: list[PlannedSegment] = []
+        if not self.options.prefill_only:
+            plan.extend(PlannedSegment(turn, turn.pending_input()) for turn in decoding)
+        budget = max(1, self.options.prefill_chunk_tokens)
+        for turn in prefilling:
+            if budget <= 0:
+                break
+            tokens = turn.pending_input()[:budget]
+            budget -= len(tokens)
+            plan.append(PlannedSegment(turn, tokens))
+        return plan
+
+    def remove(self, turn: Turn) -> None:
+        if turn in self.running:
+            self.running.remove(turn)
+        elif turn in self.waiting:
+            self.waiting.remove(turn)
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,69 @@
+"""One turn of one session as it moves through the engine: its prompt, what was reused, what it generated."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from chatkv.engine.api import FinishReason, ReusedFrom, Sampling, TurnHandle
+
+
+class TurnState(Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+@dataclass
+class Turn:
+    session_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    handle: TurnHandle
+    dropped_messages: int = 0
+    submitted_at: float = field(default_factory=time.perf_counter)
+    state: TurnState = TurnState.WAITING
+    # filled at admission
+    admitted_at: float = 0.0
+    reused_tokens: int = 0
+    reused_from: ReusedFrom = "none"
+    max_new_tokens: int = 0
+    generator: torch.Generator | None = None
+    # progress
+    prefill_position: int = 0  # prompt tokens already in the session's KV
+    reply_ids: list[int] = field(default_factory=list)
+    reply_text: str = ""
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    batch_size: int = 0  # sessions in the forward pass that completed this turn's prefill
+    cancel_requested: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prefill_remaining(self) -> int:
+        return self.prompt_tokens - self.prefill_position
+
+    def pending_input(self) -> list[int]:
+        """Tokens this turn feeds in its next forward: the rest of its prompt, or its last sampled token."""
+        if self.state is TurnState.PREFILLING:
+            return self.prompt_ids[self.prefill_position:]
+        return self.reply_ids[-1:]
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first_token_at - self.submitted_at) * 1000 if self.first_token_at else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        produced_after_first = len(self.reply_ids) - 1
+        span = self.last_token_at - self.first_token_at
+        return produced_after_first / span if produced_after_first > 0 and span > 0 else 0.0
