@@ -152,7 +152,9 @@ def test_matches_prompt_accepts_prefixes_and_rejects_anything_else() -> None:
 # ---- damage and mismatches: None, one line, no exception -----------------------------------------
 
 
-@pytest.mark.parametrize("keep", ["first 4 bytes", "half the header", "all but the last tensor byte", "half the tensor"])
+@pytest.mark.parametrize(
+    "keep", ["first 4 bytes", "half the header", "all but the last tensor byte", "half the tensor"]
+)
 def test_truncated_file_is_refused(store: SnapshotStore, log: Recorder, folder: Path, keep: str) -> None:
     store.save("s", random_kv(8), token_ids(8))
     path = snapshot_path(folder, "s")
@@ -170,7 +172,9 @@ def test_truncated_file_is_refused(store: SnapshotStore, log: Recorder, folder: 
 
 
 @pytest.mark.parametrize("where", ["first tensor byte", "middle", "last tensor byte"])
-def test_flipped_byte_in_tensor_data_fails_the_checksum(store: SnapshotStore, log: Recorder, folder: Path, where: str) -> None:
+def test_flipped_byte_in_tensor_data_fails_the_checksum(
+    store: SnapshotStore, log: Recorder, folder: Path, where: str
+) -> None:
     store.save("s", random_kv(8), token_ids(8))
     path = snapshot_path(folder, "s")
     data = bytearray(path.read_bytes())
@@ -262,7 +266,9 @@ def test_header_dtype_that_lies_about_the_tensor_is_refused(store: SnapshotStore
 @pytest.mark.parametrize(
     "layout", [(LAYERS + 1, KV_HEADS, HEAD_DIM), (LAYERS, KV_HEADS * 2, HEAD_DIM), (LAYERS, KV_HEADS, HEAD_DIM // 2)]
 )
-def test_snapshot_with_another_layout_is_refused(store: SnapshotStore, log: Recorder, layout: tuple[int, int, int]) -> None:
+def test_snapshot_with_another_layout_is_refused(
+    store: SnapshotStore, log: Recorder, layout: tuple[int, int, int]
+) -> None:
     store.save("s", random_kv(4), token_ids(4))
 
     assert store.load("s", layout, torch.float32) is None
@@ -270,7 +276,9 @@ def test_snapshot_with_another_layout_is_refused(store: SnapshotStore, log: Reco
     assert len(log.lines) == 1
 
 
-def test_token_count_that_differs_from_the_kv_length_is_refused(store: SnapshotStore, log: Recorder, folder: Path) -> None:
+def test_token_count_that_differs_from_the_kv_length_is_refused(
+    store: SnapshotStore, log: Recorder, folder: Path
+) -> None:
     store.save("s", random_kv(4), token_ids(4))
     rewrite_header(snapshot_path(folder, "s"), token_count="5")
 
@@ -525,7 +533,9 @@ def test_folder_is_private_and_files_are_owner_only(store: SnapshotStore, folder
     assert stat.S_IMODE(snapshot_path(folder, "s").stat().st_mode) == 0o600
 
 
-HOSTILE_IDS = ["../escape", "a/b", "/etc/passwd", "", ".hidden", "..", "-dash", "a" * 65, "abc\n", "a b", "ünicode", "a\x00b"]
+HOSTILE_IDS = [
+    "../escape", "a/b", "/etc/passwd", "", ".hidden", "..", "-dash", "a" * 65, "abc\n", "a b", "ünicode", "a\x00b"
+]
 
 
 @pytest.mark.parametrize("session_id", HOSTILE_IDS, ids=repr)
@@ -556,10 +566,17 @@ def test_longest_valid_session_id_is_accepted(store: SnapshotStore) -> None:
 
 @pytest.mark.parametrize(
     ("kv", "ids"),
-    [(random_kv(4), token_ids(5)), (torch.zeros(2, 2, 8), token_ids(2)), (random_kv(2), [1, -1]), (random_kv(2), [1, 2**32])],
+    [
+        (random_kv(4), token_ids(5)),
+        (torch.zeros(2, 2, 8), token_ids(2)),
+        (random_kv(2), [1, -1]),
+        (random_kv(2), [1, 2**32]),
+    ],
     ids=["length mismatch", "wrong rank", "negative id", "id too large"],
 )
-def test_save_refuses_kv_that_does_not_fit_its_token_ids(store: SnapshotStore, folder: Path, kv: torch.Tensor, ids: list[int]) -> None:
+def test_save_refuses_kv_that_does_not_fit_its_token_ids(
+    store: SnapshotStore, folder: Path, kv: torch.Tensor, ids: list[int]
+) -> None:
     with pytest.raises(SnapshotError):
         store.save("s", kv, ids)
 
