@@ -12,7 +12,7 @@ import time
 import traceback
 import unicodedata
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import orjson
 
@@ -21,11 +21,14 @@ from chatkv.conversation import Conversation
 from chatkv.lock import DataDirLock, DataDirLocked
 from chatkv.store import ConversationStore, StoreError, describe_os_error
 
+if TYPE_CHECKING:
+    from chatkv.cli import Context
+
 NAME_COLUMN_WIDTH = 40
 ROLE_TITLES = {"system": "System", "user": "You", "assistant": "Assistant"}
 
 
-def run_sessions_command(context) -> int:
+def run_sessions_command(context: Context) -> int:
     store = ConversationStore(context.paths)
     handlers: dict[str, Callable[[ConversationStore, object], int]] = {
         "list": _list, "show": _show, "export": _export, "delete": _delete,

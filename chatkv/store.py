@@ -168,17 +168,20 @@ class ConversationStore:
         Conversation.from_dict(record)
         data = orjson.dumps(record)
         label = f"Could not save conversation {conversation.name!r}"
+
+        def kept() -> str:
+            return "Your previous copy is kept." if path.exists() else "It has not been saved before."
+
         if len(data) > self.max_file_bytes:
             raise StoreError(
-                f"{label}: it has grown to {_human_size(len(data))}, over the {_human_size(self.max_file_bytes)} limit. "
-                f"Start a new conversation; the previous copy is kept."
+                f"{label}: it has grown to {_human_size(len(data))}, over the {_human_size(self.max_file_bytes)} limit; "
+                f"start a new conversation. {kept()}"
             )
         try:
             self._ensure_folders()
             write_bytes_atomic(path, data)
         except OSError as exc:
-            kept = "Your previous copy is kept." if path.exists() else "It has not been saved before."
-            raise StoreError(f"{label}: {describe_os_error(exc)} ({self.folder}). {kept}") from exc
+            raise StoreError(f"{label}: {describe_os_error(exc)} ({self.folder}). {kept()}") from exc
 
     def load_all(self) -> tuple[list[Conversation], list[str]]:
         """Every readable conversation, most recently updated first, and one message per file set aside."""
@@ -194,9 +197,10 @@ class ConversationStore:
             if _TEMP_FILE_PATTERN.match(entry.name):
                 self._remove_stale_temp(Path(entry.path))
                 continue
-            # every *.json here is either loaded or set aside, so nothing is dropped without a word
+            # every *.json here is either loaded or set aside, so nothing is dropped without a word; other
+            # names (the quarantine folder, notes the user keeps here) are not ours to judge
             if not entry.name.endswith(SESSION_SUFFIX):
-                continue  # the quarantine folder, notes the user keeps here: not ours to judge
+                continue
             path = Path(entry.path)
             try:
                 conversations.append(self._read(path))

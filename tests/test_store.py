@@ -280,7 +280,7 @@ def test_conversation_too_big_for_the_loader_is_not_saved(data_dir: Path):
     conversation = store.new_conversation("big")
     conversation.messages.append(Message("user", "x" * 4096))
 
-    with pytest.raises(StoreError, match="over the 2.0 KiB limit"):
+    with pytest.raises(StoreError, match="over the 2.0 KiB limit; start a new conversation. It has not been saved before."):
         store.save(conversation)
 
 
