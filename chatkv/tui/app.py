@@ -88,6 +88,7 @@ class ChatApp(App[int]):
         yield Footer()
 
     async def on_mount(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
         state = self.store.load_state(self.startup_notes)
         self._apply_theme(self.options.theme or state.get("theme") or self.settings.ui.theme)
         self.theme_changed_signal.subscribe(self, lambda _theme: self.save_layout())
@@ -266,13 +267,18 @@ class ChatApp(App[int]):
         self.notify(f"Saved the KV cache of {written} session(s) to disk.")
 
     async def action_quit(self) -> None:
-        """Stop running replies and let their tabs save what was written, then leave."""
+        """Stop running replies and let their tabs save what was written, write the KV snapshots, then leave."""
         running = [tab for tab in self.chat_tabs.chat_tabs if tab.generating]
         for tab in running:
             tab.stop()
         if running:
             await asyncio.wait([asyncio.create_task(tab.wait_for_turn()) for tab in running], timeout=5)
+        await asyncio.to_thread(self.engine.snapshot, self.persisted_session_ids())
         self.exit(0)
+
+    def report_from_engine(self, message: str) -> None:
+        """The engine's notes (a snapshot ignored, say) arrive on its thread; never block it on the UI."""
+        self._event_loop.call_soon_threadsafe(self.notify, message, severity="warning", timeout=8)
 
     def persisted_session_ids(self) -> list[str]:
         return [tab.session_id for tab in self.chat_tabs.chat_tabs if tab.persisted]

@@ -1,0 +1,215 @@
+"""``chatkv launch --headless --script FILE|-``: the same App and engine, driven by a JSON Lines script.
+
+The app runs with Textual's headless driver; its autopilot reads the script line by line and calls
+the app's own methods (open a tab, send, close, quit), so a script exercises exactly what a user
+does. Events go to stdout as JSON Lines, flushed one by one (DESIGN.md §4). A bad line becomes an
+error event and the script goes on; the exit code is 1 if any error event was written.
+
+Sends to a tab that is still replying wait for that reply (in order, per tab) without holding up
+the script: ``send`` returns at once, ``wait`` waits for every turn sent so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import IO, Any, BinaryIO
+
+import orjson
+from textual.pilot import Pilot
+
+from chatkv.engine.api import EngineStats, Sampling, TurnResult
+from chatkv.headless_script import Op, ScriptError, parse_line
+from chatkv.lock import DataDirLocked
+from chatkv.model.loader import ModelError
+from chatkv.runtime import open_runtime
+from chatkv.store import SESSION_ID_PATTERN, SessionNotFound, StoreError
+from chatkv.tui.app import AppOptions, ChatApp, make_app
+from chatkv.tui.widgets.chat_tab import ChatTab
+
+STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hit_rate", "evictions", "reused_tokens",
+                "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s")
+TURN_FIELDS = ("prompt_tokens", "reused_tokens", "reused_from", "prefilled_tokens", "new_tokens", "ttft_ms",
+               "decode_tok_s", "batch_size", "finish_reason")
+
+
+def say(message: str) -> None:
+    print(f"chatkv: {message}", file=sys.stderr, flush=True)
+
+
+class EventWriter:
+    """One JSON object per line on the real stdout (held before Textual runs), flushed at once."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.errors = 0
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.stream.write(orjson.dumps(event).decode() + "\n")
+        self.stream.flush()
+
+    def error(self, tab: str | None, message: str) -> None:
+        self.errors += 1
+        self.emit({"event": "error", "tab": tab, "message": message})
+
+    def turn(self, tab: str, turn: int, result: TurnResult, trace: bool) -> None:
+        event = {"event": "turn", "tab": tab, "turn": turn, "reply": result.reply}
+        event.update({field: getattr(result, field) for field in TURN_FIELDS})
+        if trace:
+            event["prompt_ids"] = list(result.prompt_ids)
+            event["reply_ids"] = list(result.reply_ids)
+        self.emit(event)
+
+    def stats(self, stats: EngineStats) -> None:
+        self.emit({"event": "stats", **{field: getattr(stats, field) for field in STATS_FIELDS}})
+
+
+class ScriptRunner:
+    def __init__(self, script: BinaryIO, events: EventWriter, stream_tokens: bool, trace: bool) -> None:
+        self.script = script
+        self.events = events
+        self.stream_tokens = stream_tokens
+        self.trace = trace
+        self.tabs: dict[str, ChatTab] = {}
+        self.turns: dict[str, asyncio.Task] = {}  # the last turn sent to each tab; each waits for the one before
+        self.app: ChatApp
+
+    async def __call__(self, pilot: Pilot) -> None:
+        """The app's autopilot: run every line, wait for the turns still running, quit."""
+        self.app = pilot.app  # type: ignore[assignment]
+        number = 0
+        while raw := await asyncio.to_thread(self.script.readline):
+            number += 1
+            try:
+                op = parse_line(raw.rstrip(b"\r\n"), number)
+                if op is not None and not await self.run(op):
+                    break
+            except ScriptError as exc:
+                self.events.error(exc.tab, str(exc))
+        await self.wait_all()
+        await self.app.action_quit()
+
+    async def run(self, op: Op) -> bool:
+        """Carry out one op; False once the script asked to quit."""
+        if op.name == "open":
+            await self.open(op)
+        elif op.name == "send":
+            self.send(op)
+        elif op.name == "wait":
+            await self.wait_all()
+        elif op.name == "stats":
+            self.events.stats(self.app.engine.stats())
+        elif op.name == "snapshot":
+            await asyncio.to_thread(self.app.engine.snapshot, self.app.persisted_session_ids())
+        elif op.name == "close":
+            await self.close(op)
+        elif op.name == "quit":
+            return False
+        return True
+
+    async def open(self, op: Op) -> None:
+        assert op.tab is not None
+        if op.tab in self.tabs:
+            raise ScriptError(f"line {op.line}: tab {op.tab!r} is already open", op.tab)
+        conversation = self.saved_conversation(op.tab)
+        if conversation is None:
+            session_id = op.tab if SESSION_ID_PATTERN.match(op.tab) else None
+            tab = await self.app.open_new_conversation(op.title or op.tab, op.system or "", session_id=session_id)
+        else:
+            if op.title is not None:
+                conversation.name = op.title
+            if op.system is not None:
+                conversation.system = op.system
+            tab = await self.app.open_conversation(conversation)
+        if self.stream_tokens:
+            tab.token_listeners.append(lambda text, name=op.tab: self.events.emit({"event": "token", "tab": name, "text": text}))
+        self.tabs[op.tab] = tab
+
+    def saved_conversation(self, tab_name: str):
+        """The saved session whose id is this tab's name, if there is one: opening it resumes it."""
+        if not SESSION_ID_PATTERN.match(tab_name):
+            return None
+        try:
+            return self.app.store.get(tab_name)
+        except SessionNotFound:
+            return None
+        except StoreError as exc:
+            raise ScriptError(str(exc), tab_name) from None
+
+    def send(self, op: Op) -> None:
+        tab = self.open_tab(op)
+        assert op.text is not None
+        defaults = tab.sampling
+        sampling = Sampling(
+            max_new_tokens=op.max_new_tokens or defaults.max_new_tokens,
+            temperature=defaults.temperature if op.temperature is None else op.temperature,
+            top_p=defaults.top_p,
+            max_time_ms=defaults.max_time_ms,
+        )
+        previous = self.turns.get(op.tab)
+        self.turns[op.tab] = asyncio.create_task(self.run_turn(op.tab, tab, op.text, sampling, previous))
+
+    async def run_turn(self, name: str, tab: ChatTab, text: str, sampling: Sampling, previous: asyncio.Task | None) -> None:
+        if previous is not None:
+            await previous
+        tab.send(text, sampling)
+        outcome = await tab.wait_for_turn()
+        if outcome is None:
+            self.events.error(name, "the turn was cut off before it finished")
+        elif outcome.error is not None:
+            self.events.error(name, outcome.error)
+        else:
+            assert outcome.result is not None
+            self.events.turn(name, outcome.turn, outcome.result, self.trace)
+
+    async def close(self, op: Op) -> None:
+        tab = self.open_tab(op)
+        pending = self.turns.pop(op.tab, None)
+        if pending is not None:
+            await pending
+        del self.tabs[op.tab]
+        await self.app.close_tab(tab)
+
+    def open_tab(self, op: Op) -> ChatTab:
+        tab = self.tabs.get(op.tab or "")
+        if tab is None:
+            raise ScriptError(f"line {op.line}: no open tab {op.tab!r}; open it first with {{\"op\": \"open\", \"tab\": ...}}", op.tab)
+        return tab
+
+    async def wait_all(self) -> None:
+        pending = list(self.turns.values())
+        self.turns.clear()
+        if pending:
+            await asyncio.gather(*pending)
+
+
+def open_script(path: str) -> BinaryIO:
+    if path == "-":
+        return sys.stdin.buffer
+    return open(path, "rb")
+
+
+def run_headless(context) -> int:
+    args, settings, paths = context.args, context.settings, context.paths
+    if not args.script:
+        say("--headless needs --script FILE (or --script - to read standard input)")
+        return 2
+    try:
+        script = open_script(args.script)
+    except OSError as exc:
+        say(f"cannot read the script {args.script}: {exc.strerror}")
+        return 2
+    events = EventWriter(sys.stdout)
+    runner = ScriptRunner(script, events, stream_tokens=args.stream, trace=args.trace)
+    options = AppOptions(restore_tabs=False, persist=not args.ephemeral, remember_layout=False, theme=args.theme)
+    try:
+        with script, open_runtime(settings, paths, progress=say, engine_log=say) as runtime:
+            app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
+            app.run(headless=True, auto_pilot=runner)
+    except DataDirLocked as exc:
+        say(str(exc))
+        return 1
+    except ModelError as exc:
+        say(str(exc))
+        return 1
+    return 1 if events.errors else 0
