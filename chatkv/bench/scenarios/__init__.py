@@ -1,0 +1,13 @@
+"""The bench's scenarios, one module each; every module has ``run(ctx: BenchContext) -> ScenarioResult``."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+# in the order a full run takes them
+NAMES = ("seed", "multiturn", "batching", "memory", "limits", "snapshot")
+
+
+def runner(name: str) -> Callable:
+    return importlib.import_module(f"chatkv.bench.scenarios.{name}").run
