@@ -68,19 +68,23 @@ def packed_attention(
         keys[:, past : past + length] = key[0, :, start : start + length]
         values[:, past : past + length] = value[0, :, start : start + length]
         seen = past + length
-        mask = None
-        is_causal = False
-        if length > 1:
-            if past == 0:
-                is_causal = True
-            else:
-                mask = _causal_mask_with_past(length, past, query.device)
+        past_keys = keys[:, :seen].unsqueeze(0)
+        past_values = values[:, :seen].unsqueeze(0)
+        if length == 1:
+            # one query per head: fold the query heads that share a KV head into that head's rows,
+            # which needs no mask and no GQA expansion (several times faster in bf16 on CPU)
+            groups = query.shape[1] // keys.shape[0]
+            folded = query[:, :, start].reshape(1, keys.shape[0], groups, query.shape[3])
+            attended = F.scaled_dot_product_attention(folded, past_keys, past_values, scale=scaling)
+            output[0, start] = attended.reshape(query.shape[1], query.shape[3])
+            continue
+        mask = None if past == 0 else _causal_mask_with_past(length, past, query.device)
         attended = F.scaled_dot_product_attention(
             query[:, :, start : start + length],
-            keys[:, :seen].unsqueeze(0),
-            values[:, :seen].unsqueeze(0),
+            past_keys,
+            past_values,
             attn_mask=mask,
-            is_causal=is_causal,
+            is_causal=mask is None,
             scale=scaling,
             enable_gqa=True,
         )
