@@ -61,7 +61,7 @@ def run_bench(context: Any) -> int:
             "machine": machine,
             "run": {"chatkv": __version__, "started": started_at, "seconds": round(time.perf_counter() - started, 3),
                     "size": ctx.sizes.label, "scenarios": names, "exactness_check": ctx.check,
-                    "command": ["chatkv", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("chatkv") else None},
+                    "command": _command_line(args)},
             "scenarios": {name: result.to_json() for name, result in results.items()},
         }
         Path(args.json_path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
@@ -74,6 +74,19 @@ def run_bench(context: Any) -> int:
         print(f"chatkv bench: {', '.join(failed)} did not complete; see above", file=sys.stderr)
         return 1
     return 0
+
+
+def _command_line(args: Any) -> str:
+    """The command that reproduces this run (model and dtype as resolved by the config and flags)."""
+    parts = ["chatkv", "bench", *args.scenarios]
+    for flag, given in (("--quick", args.quick), ("--no-check", args.no_check)):
+        if given:
+            parts.append(flag)
+    for flag in ("model", "dtype", "device", "threads"):
+        value = getattr(args, flag, None)
+        if value:
+            parts.extend([f"--{flag}", str(value)])
+    return " ".join(parts)
 
 
 def _make_context(context: Any, progress: Progress) -> BenchContext | None:

@@ -3,6 +3,8 @@
 Peak RSS can only be read for a whole process, and the bench process has held other things (an fp32
 copy of the model for the checks, earlier scenarios' sessions); a fresh process per measurement gives
 the peak that one chatkv (or one plain ``model.generate``) serving that conversation really reaches.
+Loading the model has a peak of its own (the checkpoint is read before it is cast to the dtype), so
+on Linux the probe resets the peak after loading (``/proc/self/clear_refs``) and reports both.
 
     python -m chatkv.bench.memory_probe --system chatkv --tokens 1024 --dtype bfloat16 --model smollm2 --models-dir DIR
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import sys
 from pathlib import Path
@@ -25,9 +28,23 @@ def _rss() -> int:
 
 
 def _peak_rss() -> int:
-    # ru_maxrss is in KiB on Linux (bytes on macOS)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """The process's peak RSS since it started, or since the last ``_reset_peak_rss``."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    except (OSError, AttributeError):
+        # ru_maxrss is in KiB on Linux (bytes on macOS)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Start a new peak from the current RSS (Linux 4.0+); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_model(args.model, Path(args.models_dir), dtype=args.dtype, device="cpu", progress=lambda _: None,
                         allow_pull=False)
     rss_loaded = _rss()
+    peak_loading = _peak_rss()
+    peak_was_reset = _reset_peak_rss()
     template_tokens = len(render_prompt(bundle.tokenizer, [{"role": "user", "content": ""}]))
     message = filler_message(bundle.tokenizer, args.tokens - NEW_TOKENS - template_tokens)
     report: dict = {"system": args.system, "target_tokens": args.tokens, "rss_start_bytes": rss_start,
-                    "rss_after_load_bytes": rss_loaded}
+                    "rss_after_load_bytes": rss_loaded, "peak_rss_loading_bytes": peak_loading}
     if args.system == "generate":
         prompt_ids = render_prompt(bundle.tokenizer, [{"role": "user", "content": message}])
         generation = generate_with_cache(bundle, prompt_ids, NEW_TOKENS)
@@ -66,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                       session_tokens=len(prompt_ids) + generation.new_tokens)
     else:
         report.update(_serve_with_chatkv(bundle, message))
-    report.update(rss_end_bytes=_rss(), peak_rss_bytes=_peak_rss())
+    # without the reset, the serving peak is the whole process's (loading included), and says so
+    report.update(rss_end_bytes=_rss(), peak_rss_serving_bytes=_peak_rss(), serving_peak_excludes_loading=peak_was_reset)
     print(json.dumps(report))
     return 0
 

@@ -79,13 +79,14 @@ def _probe(ctx: BenchContext, system: str, tokens: int) -> dict[str, Any]:
 
 
 def _tables(figures: dict[str, Any], budget: int) -> list[Table]:
-    rss = Table("memory: one process serving one conversation", ["system", "session tokens", "RSS after load (MiB)",
-                                                                "peak RSS (MiB)", "KV held (MiB)"])
+    rss = Table("memory: one process serving one conversation", ["system", "session tokens", "peak loading (MiB)",
+                                                                "RSS after load (MiB)", "peak serving (MiB)", "KV held (MiB)"])
     for system, label in SYSTEMS.items():
         for row in figures[system]["by_tokens"]:
             held = row.get("kv_bytes_held")
-            rss.add(label, fmt(row["session_tokens"]), fmt(row["rss_after_load_bytes"] / MIB),
-                    fmt(row["peak_rss_bytes"] / MIB), fmt(held / MIB if held is not None else None))
+            rss.add(label, fmt(row["session_tokens"]), fmt(row["peak_rss_loading_bytes"] / MIB),
+                    fmt(row["rss_after_load_bytes"] / MIB), fmt(row["peak_rss_serving_bytes"] / MIB),
+                    fmt(held / MIB if held is not None else None))
     fit = Table(f"memory: sessions that fit the KV budget ({budget / MIB:,.0f} MiB)",
                 ["session tokens", "KV per session (MiB)", "sessions that fit"])
     for row in figures["budget_fit"]:
