@@ -151,6 +151,8 @@ def apply_flags(settings: Settings, args: argparse.Namespace) -> None:
 def make_context(args: argparse.Namespace) -> Context:
     paths = Paths.resolve(getattr(args, "data_dir", None))
     config_path = getattr(args, "config", None)
+    if config_path and not os.path.exists(os.path.expanduser(config_path)):
+        raise ConfigError(f"no config file at {config_path}")
     settings, messages = load_settings(config_path and os.path.expanduser(config_path) or paths.config_file)
     apply_flags(settings, args)
     return Context(args=args, settings=settings, paths=paths, config_messages=messages)
