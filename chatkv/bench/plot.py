@@ -51,6 +51,7 @@ def _draw_ttft(axes: Any, result: ScenarioResult | None) -> None:
     for name, label, marker in (("generate_loop", "transformers chat loop (re-generates)", "o"), ("chatkv", "chatkv", "s")):
         rows = result.figures[name]["per_turn"]
         axes.plot([r["turn"] for r in rows], [r["ttft_ms"] for r in rows], marker=marker, label=label)
+    axes.set_xticks([r["turn"] for r in result.figures["chatkv"]["per_turn"]])
     axes.set_xlabel("turn")
     axes.set_ylabel("time to first token (ms)")
     axes.set_title("multiturn: TTFT per turn")
