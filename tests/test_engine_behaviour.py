@@ -259,3 +259,41 @@ def test_stats_report_hit_rate_and_batching_figures_consistently(tiny_bundle):
     assert stats.generated_tokens == first.new_tokens + second.new_tokens
     assert stats.forward_passes >= 2 and stats.avg_batch_size == 1.0
     assert stats.decode_tok_s > 0 and stats.prefill_tok_s > 0
+
+
+def test_a_sampling_failure_fails_only_that_turn(tiny_bundle, monkeypatch):
+    import chatkv.engine.engine as engine_module
+
+    real_next_token = engine_module.next_token
+
+    def failing_for_hot_sampling(logits, sampling, generator):
+        if sampling.temperature == 9.0:
+            raise ValueError("probabilities contain NaN")
+        return real_next_token(logits, sampling, generator)
+
+    monkeypatch.setattr(engine_module, "next_token", failing_for_hot_sampling)
+    engine = Engine(tiny_bundle, settings_with(batching__max_batch_wait_ms=200)).start()
+    try:
+        bad = engine.submit("bad", [Message("user", "x")], Sampling(max_new_tokens=5, temperature=9.0, seed=1))
+        good = engine.submit("good", [Message("user", "y")], Sampling(max_new_tokens=5))
+        bad_result, good_result = bad.wait(60), good.wait(60)
+    finally:
+        engine.close()
+    assert bad_result.finish_reason == "error" and "NaN" in bad_result.error
+    assert good_result.error is None and good_result.new_tokens == 5
+
+
+def test_an_internal_engine_error_fails_every_pending_turn_instead_of_hanging(tiny_bundle, monkeypatch):
+    engine = Engine(tiny_bundle, Settings())
+    handle = engine.submit("a", [Message("user", "x")], Sampling(max_new_tokens=5))
+
+    def broken_plan():
+        raise AssertionError("scheduler bug")
+
+    monkeypatch.setattr(engine.scheduler, "plan_step", broken_plan)
+    engine.start()
+    result = handle.wait(30)
+    assert result.finish_reason == "error" and "scheduler bug" in result.error
+    with pytest.raises(EngineError, match="internal error"):
+        engine.submit("b", [Message("user", "y")])
+    engine.close()

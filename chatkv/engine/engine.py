@@ -90,6 +90,7 @@ class Engine:
         self._wakeup = threading.Condition(self._lock)
         self._calls: list[tuple[Callable[[], object], Future]] = []
         self._stopping = False
+        self._crashed: str | None = None
         self._thread: threading.Thread | None = None
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-session failures here
 
@@ -143,6 +144,8 @@ class Engine:
         with self._wakeup:
             if self._stopping:
                 raise EngineError("the engine is shutting down")
+            if self._crashed:
+                raise EngineError(self._crashed)
             try:
                 self.scheduler.enqueue(turn)
             except EngineError:
@@ -237,6 +240,17 @@ class Engine:
 
     # the engine thread -------------------------------------------------------------------------
     def _serve(self) -> None:
+        try:
+            self._serve_until_stopped()
+        except BaseException as exc:  # a bug in the engine itself: fail every turn instead of hanging them
+            with self._wakeup:
+                self._crashed = f"the engine stopped after an internal error: {exc!r}"
+                for turn in list(self.scheduler.waiting) + list(self.scheduler.running):
+                    self._finish(turn, "error", self._crashed)
+                self._run_calls()
+            self._log(self._crashed)
+
+    def _serve_until_stopped(self) -> None:
         while True:
             with self._wakeup:
                 while not self._stopping and not self._calls and not self.scheduler.has_work():
@@ -253,7 +267,11 @@ class Engine:
                     self._wakeup.wait(timeout=delay)
                     continue
                 for turn in self.scheduler.take_admissions():
-                    self._admit(turn)
+                    try:
+                        self._admit(turn)
+                    except Exception as exc:  # noqa: BLE001 - one bad turn must not stop the engine
+                        self.store.pinned.discard(turn.session_id)
+                        self._finish(turn, "error", f"Could not start this turn: {exc}")
                 plan = self.scheduler.plan_step()
             if plan:
                 self._run_step(plan)
@@ -382,13 +400,17 @@ class Engine:
                 turn.prefill_position += len(planned.tokens)
             if not samples:
                 continue
-            token = next_token(logits[row], turn.sampling, turn.generator)
+            logits_row = logits[row]
             row += 1
-            if turn.state is TurnState.PREFILLING:
-                turn.state = TurnState.DECODING
-                turn.first_token_at = now
-                turn.batch_size = len(plan)
-            self._append_token(turn, token, now)
+            try:
+                token = next_token(logits_row, turn.sampling, turn.generator)
+                if turn.state is TurnState.PREFILLING:
+                    turn.state = TurnState.DECODING
+                    turn.first_token_at = now
+                    turn.batch_size = len(plan)
+                self._append_token(turn, token, now)
+            except Exception as exc:  # noqa: BLE001 - fail this turn, the others in the step go on
+                self._finish(turn, "error", f"Could not pick the next token: {exc}")
 
     def _append_token(self, turn: Turn, token: int, now: float) -> None:
         turn.reply_ids.append(token)
