@@ -1,0 +1,202 @@
+"""The live panel beside the chats: what the KV cache, the batcher and the snapshot tier are doing right now.
+
+Every figure is read from the engine's ``EngineStats`` and the current tab's ``SessionStats``; the panel
+only formats them (DESIGN.md §3 defines each one). The App calls ``show_stats`` several times a second, so
+the widgets are built once in ``compose`` and each refresh rewrites only the sections whose text changed:
+no widget is created or removed after mounting, and an unchanged figure costs one comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from textual.app import ComposeResult
+from textual.content import Content
+from textual.widget import Widget
+from textual.widgets import Label, Sparkline, Static
+
+from chatkv.engine.api import EngineStats, SessionStats
+from chatkv.tui.widgets.memory_bar import MemoryBar
+from chatkv.tui.widgets.number_format import (
+    NO_VALUE,
+    format_average,
+    format_bytes,
+    format_count,
+    format_ms,
+    format_percent,
+    format_rate,
+)
+
+LABEL_WIDTH = 10
+"""Labels are padded to one width so the values line up in a column."""
+
+Line = tuple[str, str]
+"""One row of a section: its label and its value, both plain text."""
+
+
+def hit_rate_lines(stats: EngineStats) -> list[Line]:
+    # Before any prompt the hit rate is undefined, not zero: show a dash rather than an alarming 0.0%.
+    measured = stats.prompt_tokens > 0
+    window = format_percent(stats.hit_rate_window if measured else None)
+    overall = format_percent(stats.hit_rate if measured else None)
+    return [
+        ("hit rate", f"{window} recent · {overall} all"),
+        ("reused", f"{format_count(stats.reused_tokens)} of {format_count(stats.prompt_tokens)} tok"),
+        ("hits", f"{format_count(stats.turn_hits)} of {format_count(stats.turns)} turns"),
+        ("evicted", f"{format_count(stats.evictions)} sessions"),
+        ("", f"{format_count(stats.evicted_tokens)} tok · {format_bytes(stats.evicted_bytes)}"),
+    ]
+
+
+def memory_lines(stats: EngineStats) -> list[Line]:
+    budget = f"of {format_bytes(stats.budget_bytes)}" if stats.budget_bytes > 0 else "(no budget)"
+    return [
+        ("used", f"{format_bytes(stats.bytes)} {budget}"),
+        ("peak", format_bytes(stats.peak_bytes)),
+        ("resident", f"{format_count(stats.sessions)} sessions · {format_count(stats.tokens)} tok"),
+    ]
+
+
+def decode_lines(stats: EngineStats) -> list[Line]:
+    return [("decode", format_rate(stats.decode_tok_s))]
+
+
+def prefill_lines(stats: EngineStats) -> list[Line]:
+    ttft = format_ms(stats.last_ttft_ms) if stats.turns > 0 else NO_VALUE
+    return [
+        ("prefill", format_rate(stats.prefill_tok_s)),
+        ("TTFT", f"{ttft} last turn"),
+        ("generated", f"{format_count(stats.generated_tokens)} tok"),
+    ]
+
+
+def batching_lines(stats: EngineStats) -> list[Line]:
+    return [
+        ("batch", f"{format_average(stats.avg_batch_size)} avg · wait {format_ms(stats.avg_batch_wait_ms)}"),
+        ("queue", f"{format_count(stats.queue_depth)} now · {format_average(stats.avg_queue_depth)} avg"),
+        ("running", f"{format_count(stats.active_turns)} turns · {format_count(stats.rejected_requests)} refused"),
+        ("forwards", format_count(stats.forward_passes)),
+    ]
+
+
+def snapshot_lines(stats: EngineStats) -> list[Line]:
+    budget = f" of {format_bytes(stats.disk_budget_bytes)}" if stats.disk_budget_bytes > 0 else ""
+    return [
+        ("restores", f"{format_count(stats.disk_restores)} · {format_count(stats.disk_reused_tokens)} tok"),
+        ("on disk", f"{format_bytes(stats.disk_bytes)}{budget}"),
+    ]
+
+
+def session_lines(session: SessionStats | None) -> list[Line]:
+    if session is None:
+        return [("cached", NO_VALUE), ("where", NO_VALUE)]
+    if session.resident:
+        where = "memory"
+    elif session.on_disk_bytes > 0:
+        where = f"disk · {format_bytes(session.on_disk_bytes)}"
+    else:
+        where = "not cached"
+    return [
+        ("cached", f"{format_count(session.tokens)} tok · {format_bytes(session.bytes)}"),
+        ("where", where),
+    ]
+
+
+def render_lines(lines: Sequence[Line]) -> Content:
+    """Muted labels in a padded column, values in the normal text colour."""
+    parts: list[str | tuple[str, str]] = []
+    for index, (label, value) in enumerate(lines):
+        if index:
+            parts.append("\n")
+        parts.append((label.ljust(LABEL_WIDTH), "$foreground-muted"))
+        parts.append(value)
+    return Content.assemble(*parts)
+
+
+class StatsSection(Static):
+    """A block of label/value rows; ``show`` repaints only when the rows differ from what is on screen."""
+
+    def __init__(self, *, id: str) -> None:
+        super().__init__(id=id, markup=False)
+        self.lines: list[Line] = []
+
+    def show(self, lines: list[Line]) -> None:
+        if lines == self.lines:
+            return
+        # The number of rows is fixed per section, so the height never changes and no layout pass is needed.
+        needs_layout = len(lines) != len(self.lines)
+        self.lines = lines
+        self.update(render_lines(lines), layout=needs_layout)
+
+
+class StatsPanel(Widget, can_focus=False):
+    """Live engine figures: cache reuse, KV memory, throughput, batching, snapshots and the current tab."""
+
+    DEFAULT_CSS = """
+    StatsPanel {
+        width: 40;
+        height: 1fr;
+        layout: vertical;
+        overflow-y: auto;
+        padding: 0 1;
+        background: $panel;
+        & > .stats-heading {
+            width: 1fr;
+            margin-top: 1;
+            color: $accent;
+            text-style: bold;
+        }
+        & > StatsSection { width: 1fr; }
+        & > #decode-history {
+            height: 2;
+            margin-left: 10;
+        }
+    }
+    """
+
+    def __init__(self, *, id: str | None = "stats-panel", classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        # Held as attributes so each refresh goes straight to its widget instead of running a CSS query.
+        self.hit_rate = StatsSection(id="hit-rate")
+        self.memory_bar = MemoryBar(id="memory-bar")
+        self.memory = StatsSection(id="memory")
+        self.decode = StatsSection(id="decode")
+        self.decode_sparkline = Sparkline([], id="decode-history")
+        self.prefill = StatsSection(id="prefill")
+        self.batching = StatsSection(id="batching")
+        self.snapshots = StatsSection(id="snapshots")
+        self.session = StatsSection(id="session")
+        self.decode_history: list[float] = []
+        self.show_stats(EngineStats(), None)
+
+    def compose(self) -> ComposeResult:
+        yield Label("Cache reuse", classes="stats-heading")
+        yield self.hit_rate
+        yield Label("KV memory", classes="stats-heading")
+        yield self.memory_bar
+        yield self.memory
+        yield Label("Throughput", classes="stats-heading")
+        yield self.decode
+        yield self.decode_sparkline
+        yield self.prefill
+        yield Label("Batching", classes="stats-heading")
+        yield self.batching
+        yield Label("Snapshots on disk", classes="stats-heading")
+        yield self.snapshots
+        yield Label("This tab", classes="stats-heading")
+        yield self.session
+
+    def show_stats(self, stats: EngineStats, session: SessionStats | None) -> None:
+        """Show the engine's figures and, when a tab is selected, that tab's session."""
+        self.hit_rate.show(hit_rate_lines(stats))
+        self.memory_bar.set_usage(stats.bytes, stats.peak_bytes, stats.budget_bytes)
+        self.memory.show(memory_lines(stats))
+        self.decode.show(decode_lines(stats))
+        self.prefill.show(prefill_lines(stats))
+        self.batching.show(batching_lines(stats))
+        self.snapshots.show(snapshot_lines(stats))
+        self.session.show(session_lines(session))
+        if stats.decode_tok_s_history != self.decode_history:
+            # A copy: the engine may reuse its list, and the comparison above needs the values as shown.
+            self.decode_history = list(stats.decode_tok_s_history)
+            self.decode_sparkline.data = self.decode_history
