@@ -32,6 +32,7 @@ class Sizes:
     limits_read_mib: int
     limits_decode_tokens: int
     limits_batch_sessions: int
+    limits_rounds: int  # single-session decode is timed this often on each side, best kept (as for the ceilings)
     # snapshot: length of the conversation restored from disk, and how often each side is timed
     snapshot_tokens: int
     snapshot_repeats: int
@@ -43,7 +44,7 @@ FULL = Sizes(
     multiturn_turns=12, multiturn_new_tokens=64,
     batching_levels=(1, 2, 4, 8, 16), batching_headline=8, batching_new_tokens=100,
     memory_session_tokens=(1024, 4096),
-    limits_read_mib=512, limits_decode_tokens=64, limits_batch_sessions=16,
+    limits_read_mib=512, limits_decode_tokens=64, limits_batch_sessions=16, limits_rounds=3,
     snapshot_tokens=1600, snapshot_repeats=3,
 )
 
@@ -53,7 +54,7 @@ QUICK = Sizes(
     multiturn_turns=4, multiturn_new_tokens=16,
     batching_levels=(1, 2, 4, 8), batching_headline=8, batching_new_tokens=16,
     memory_session_tokens=(1024,),
-    limits_read_mib=256, limits_decode_tokens=16, limits_batch_sessions=8,
+    limits_read_mib=256, limits_decode_tokens=32, limits_batch_sessions=8, limits_rounds=2,
     snapshot_tokens=1600, snapshot_repeats=2,
 )
 
@@ -63,7 +64,7 @@ TINY = Sizes(
     multiturn_turns=3, multiturn_new_tokens=4,
     batching_levels=(1, 2, 4), batching_headline=4, batching_new_tokens=4,
     memory_session_tokens=(256,),
-    limits_read_mib=128, limits_decode_tokens=4, limits_batch_sessions=4,
+    limits_read_mib=128, limits_decode_tokens=4, limits_batch_sessions=4, limits_rounds=1,
     snapshot_tokens=1600, snapshot_repeats=1,
 )
 
