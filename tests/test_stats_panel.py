@@ -14,6 +14,7 @@ from chatkv.tui.widgets.number_format import (
     format_count,
     format_ms,
     format_percent,
+    format_quantity,
     format_rate,
 )
 from chatkv.tui.widgets.stats_panel import StatsPanel, StatsSection
@@ -66,6 +67,9 @@ def test_format_other_units() -> None:
     assert format_ms(87.4) == "87 ms"
     assert format_ms(1250) == "1.25 s"
     assert format_average(3.254) == "3.25"
+    assert format_quantity(1, "session") == "1 session"
+    assert format_quantity(0, "session") == "0 sessions"
+    assert format_quantity(12345, "turn") == "12,345 turns"
 
 
 # the panel's content ---------------------------------------------------------------------------------------

@@ -56,3 +56,8 @@ def format_ms(milliseconds: float) -> str:
 def format_average(value: float) -> str:
     """An average of small counts (sessions per forward pass, queue depth): '3.25'."""
     return f"{value:.2f}"
+
+
+def format_quantity(count: int, noun: str) -> str:
+    """A count with its noun, singular for one: '1 session', '12,345 turns'."""
+    return f"{format_count(count)} {noun if count == 1 else noun + 's'}"

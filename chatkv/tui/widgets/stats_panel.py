@@ -24,6 +24,7 @@ from chatkv.tui.widgets.number_format import (
     format_count,
     format_ms,
     format_percent,
+    format_quantity,
     format_rate,
 )
 
@@ -42,8 +43,8 @@ def hit_rate_lines(stats: EngineStats) -> list[Line]:
     return [
         ("hit rate", f"{window} recent · {overall} all"),
         ("reused", f"{format_count(stats.reused_tokens)} of {format_count(stats.prompt_tokens)} tok"),
-        ("hits", f"{format_count(stats.turn_hits)} of {format_count(stats.turns)} turns"),
-        ("evicted", f"{format_count(stats.evictions)} sessions"),
+        ("hits", f"{format_count(stats.turn_hits)} of {format_quantity(stats.turns, 'turn')}"),
+        ("evicted", format_quantity(stats.evictions, "session")),
         ("", f"{format_count(stats.evicted_tokens)} tok · {format_bytes(stats.evicted_bytes)}"),
     ]
 
@@ -53,7 +54,7 @@ def memory_lines(stats: EngineStats) -> list[Line]:
     return [
         ("used", f"{format_bytes(stats.bytes)} {budget}"),
         ("peak", format_bytes(stats.peak_bytes)),
-        ("resident", f"{format_count(stats.sessions)} sessions · {format_count(stats.tokens)} tok"),
+        ("resident", f"{format_quantity(stats.sessions, 'session')} · {format_count(stats.tokens)} tok"),
     ]
 
 
@@ -74,7 +75,7 @@ def batching_lines(stats: EngineStats) -> list[Line]:
     return [
         ("batch", f"{format_average(stats.avg_batch_size)} avg · wait {format_ms(stats.avg_batch_wait_ms)}"),
         ("queue", f"{format_count(stats.queue_depth)} now · {format_average(stats.avg_queue_depth)} avg"),
-        ("running", f"{format_count(stats.active_turns)} turns · {format_count(stats.rejected_requests)} refused"),
+        ("running", f"{format_quantity(stats.active_turns, 'turn')} · {format_count(stats.rejected_requests)} refused"),
         ("forwards", format_count(stats.forward_passes)),
     ]
 
