@@ -184,6 +184,8 @@ class ChatApp(App[int]):
     def save_layout(self) -> None:
         if not self.options.remember_layout or not self.chat_tabs.is_mounted:
             return
+        if not self.chat_tabs.chat_tabs:
+            return  # the app is shutting down (a running app always shows a tab): keep the last layout
         tabs = [tab for tab in self.chat_tabs.chat_tabs if tab.persisted]
         current = self.chat_tabs.current
         state = {"open_tabs": [tab.session_id for tab in tabs],
@@ -213,7 +215,9 @@ class ChatApp(App[int]):
     def action_new_tab(self) -> None:
         async def create(request: NewTabRequest | None) -> None:
             if request is not None:
-                await self.open_new_conversation(request.name, request.system)
+                tab = await self.open_new_conversation(request.name, request.system)
+                # after the dialog has gone, or the screen gives focus back to the input it had before
+                self.call_after_refresh(tab.focus_input)
 
         self.push_screen(NewTabScreen(self.settings.generation.system_prompt), create)
 

@@ -22,8 +22,12 @@ class ChatTabs(TabbedContent):
 
     @property
     def current(self) -> ChatTab | None:
-        pane = self.active_pane
-        return pane if isinstance(pane, ChatTab) else None
+        # found by id rather than through active_pane, which raises while the app is tearing the tabs down
+        active = self.active
+        for tab in self.chat_tabs:
+            if tab.id == active:
+                return tab
+        return None
 
     def find(self, session_id: str) -> ChatTab | None:
         for tab in self.chat_tabs:
