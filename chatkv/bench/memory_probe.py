@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--models-dir", required=True)
     parser.add_argument("--dtype", required=True)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     rss_start = _rss()
-    bundle = load_model(args.model, Path(args.models_dir), dtype=args.dtype, device="cpu", progress=lambda _: None,
+    bundle = load_model(args.model, Path(args.models_dir), dtype=args.dtype, device=args.device, progress=lambda _: None,
                         allow_pull=False)
     rss_loaded = _rss()
     peak_loading = _peak_rss()

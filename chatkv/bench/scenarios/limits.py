@@ -31,28 +31,30 @@ DECODE_PROMPT = "Tell me about the history of the bicycle."
 PREFILL_TOKENS = 1000
 
 
-def best_seconds(action: Callable[[], Any], repeats: int) -> float:
-    action()  # warm up: first touch of the memory, kernel selection
-    best = float("inf")
-    for _ in range(repeats):
+def best_seconds(action: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    def timed() -> float:
         started = time.perf_counter()
         action()
-        best = min(best, time.perf_counter() - started)
-    return best
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # GPU calls return before the work is done
+        return time.perf_counter() - started
+
+    timed()  # warm up: first touch of the memory, kernel selection
+    return min(timed() for _ in range(repeats))
 
 
 @torch.inference_mode()
-def read_bandwidth(mib: int, repeats: int = 5) -> float:
+def read_bandwidth(mib: int, device: torch.device, repeats: int = 5) -> float:
     """Bytes per second that summing a large fp32 tensor reads (the sum itself is far cheaper than the read)."""
-    data = torch.ones(mib * MIB // 4, dtype=torch.float32)
-    return data.numel() * 4 / best_seconds(data.sum, repeats)
+    data = torch.ones(mib * MIB // 4, dtype=torch.float32, device=device)
+    return data.numel() * 4 / best_seconds(data.sum, repeats, device)
 
 
 @torch.inference_mode()
-def matmul_flops(dtype: torch.dtype, size: int = MATMUL_SIZE, repeats: int = 5) -> float:
-    left = torch.randn(size, size).to(dtype)
-    right = torch.randn(size, size).to(dtype)
-    return 2 * size**3 / best_seconds(lambda: left @ right, repeats)
+def matmul_flops(dtype: torch.dtype, device: torch.device, size: int = MATMUL_SIZE, repeats: int = 5) -> float:
+    left = torch.randn(size, size, device=device).to(dtype)
+    right = torch.randn(size, size, device=device).to(dtype)
+    return 2 * size**3 / best_seconds(lambda: left @ right, repeats, device)
 
 
 def run(ctx: BenchContext) -> ScenarioResult:
@@ -69,9 +71,9 @@ def run(ctx: BenchContext) -> ScenarioResult:
     })
 
     ctx.progress(f"limits: memory read bandwidth ({sizes.limits_read_mib} MiB tensor)")
-    bandwidth = read_bandwidth(sizes.limits_read_mib)
+    bandwidth = read_bandwidth(sizes.limits_read_mib, bundle.device)
     ctx.progress(f"limits: matmul throughput ({MATMUL_SIZE}x{MATMUL_SIZE}, {result.parameters['dtype']})")
-    flops = matmul_flops(bundle.dtype)
+    flops = matmul_flops(bundle.dtype, bundle.device)
     ceilings = {
         "single_decode_tok_s": bandwidth / weight_bytes,
         "compute_tok_s": flops / (2 * parameters),

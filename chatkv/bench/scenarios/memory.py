@@ -33,15 +33,17 @@ def run(ctx: BenchContext) -> ScenarioResult:
         "session_tokens": lengths, "dtype": str(ctx.bundle.dtype).removeprefix("torch."),
         "kv_budget_bytes": budget, "max_sessions": ctx.settings.kv.max_sessions,
         "layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads, "head_dim": head_dim,
-        "element_size": element_size, "measured_in": "a fresh child process per row",
+        "element_size": element_size, "measured_in": "a fresh child process per row (both systems' at once)",
     })
 
+    rows: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
+    for tokens in lengths:
+        # RSS does not depend on speed, so both systems' probes run at once (each in its own process)
+        ctx.progress(f"memory: model.generate and chatkv each serving a {tokens:,}-token conversation (child processes)")
+        for system, row in zip(SYSTEMS, _probe_all(ctx, list(SYSTEMS), tokens)):
+            rows[system].append(row)
     for system in SYSTEMS:
-        rows = []
-        for tokens in lengths:
-            ctx.progress(f"memory: {SYSTEMS[system]} serving a {tokens:,}-token conversation (child process)")
-            rows.append(_probe(ctx, system, tokens))
-        result.figures[system] = {"by_tokens": rows}
+        result.figures[system] = {"by_tokens": rows[system]}
 
     chatkv_rows = result.figures["chatkv"]["by_tokens"]
     from_tensors = chatkv_rows[0]["tensor_bytes"] / chatkv_rows[0]["tensor_token_slots"]
@@ -68,14 +70,21 @@ def run(ctx: BenchContext) -> ScenarioResult:
     return result
 
 
-def _probe(ctx: BenchContext, system: str, tokens: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "chatkv.bench.memory_probe", "--system", system, "--tokens", str(tokens),
-               "--model", ctx.model_spec, "--models-dir", str(ctx.models_dir),
-               "--dtype", str(ctx.bundle.dtype).removeprefix("torch."), "--threads", str(torch.get_num_threads())]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if completed.returncode != 0:
-        raise RuntimeError(f"the memory probe failed ({completed.returncode}): {completed.stderr.strip()[-2000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+def _probe_all(ctx: BenchContext, systems: list[str], tokens: int) -> list[dict[str, Any]]:
+    children = []
+    for system in systems:
+        command = [sys.executable, "-m", "chatkv.bench.memory_probe", "--system", system, "--tokens", str(tokens),
+                   "--model", ctx.model_spec, "--models-dir", str(ctx.models_dir),
+                   "--dtype", str(ctx.bundle.dtype).removeprefix("torch."), "--device", ctx.bundle.device.type,
+                   "--threads", str(torch.get_num_threads())]
+        children.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    reports = []
+    for system, child in zip(systems, children):
+        stdout, stderr = child.communicate(timeout=600)
+        if child.returncode != 0:
+            raise RuntimeError(f"the {system} memory probe failed ({child.returncode}): {stderr.strip()[-2000:]}")
+        reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    return reports
 
 
 def _tables(figures: dict[str, Any], budget: int) -> list[Table]:
