@@ -97,7 +97,9 @@ def test_seed_figures_are_consistent(bench_run: tuple[dict, str]) -> None:
         if request["repeat"] == 0:
             assert request["reused_tokens"] == 0  # the first ask of a prompt is cold
         else:
-            assert request["reused_from"] == "memory" and request["reused_tokens"] == request["prompt_tokens"] - 1
+            # the repeat's whole prompt is cached; the engine may recompute its last token to get logits
+            assert request["reused_from"] == "memory"
+            assert request["prompt_tokens"] - 1 <= request["reused_tokens"] <= request["prompt_tokens"]
     assert chatkv["prefilled_tokens"] == chatkv["prompt_tokens"] - chatkv["reused_tokens"]
 
 
