@@ -333,3 +333,34 @@ async def test_second_turn_on_smollm2_reuses_the_cache_and_says_so_in_the_footer
             assert tab.conversation.messages[1].content.strip()
     finally:
         engine.close()
+
+
+async def test_the_theme_choice_is_remembered_and_the_theme_flag_wins(store, paths):
+    engine = ScriptedEngine(["ok"])
+    async with build_app(Settings(), engine, store, paths).run_test(size=SIZE) as pilot:
+        assert pilot.app.theme == "chatkv-dark"  # the default from settings
+        pilot.app.theme = "chatkv-light"  # what the palette's Theme command does
+        await pilot.pause()
+    async with build_app(Settings(), engine, store, paths).run_test(size=SIZE) as pilot:
+        assert pilot.app.theme == "chatkv-light"
+    async with build_app(Settings(), engine, store, paths, theme="chatkv-mint").run_test(size=SIZE) as pilot:
+        assert pilot.app.theme == "chatkv-mint"
+
+
+async def test_an_unknown_theme_falls_back_and_says_so(store, paths):
+    app = build_app(Settings(), ScriptedEngine(["ok"]), store, paths, theme="no-such-theme")
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        assert app.theme == "textual-dark"
+        await wait_until(pilot, lambda: any("no-such-theme" in toast.render().plain for toast in app.screen.query("Toast")))
+
+
+async def test_the_stats_panel_shows_on_a_wide_terminal_and_f2_toggles_it(store, paths):
+    engine = ScriptedEngine(["ok"])
+    async with build_app(Settings(), engine, store, paths).run_test(size=(100, 30)) as pilot:
+        assert not pilot.app.stats_panel.display
+    async with build_app(Settings(), engine, store, paths).run_test(size=(130, 30)) as pilot:
+        assert pilot.app.stats_panel.display
+        await pilot.press("f2")
+        assert not pilot.app.stats_panel.display
+        await pilot.press("f2")
+        assert pilot.app.stats_panel.display

@@ -25,6 +25,7 @@ from chatkv.tui.commands import ChatCommands
 from chatkv.tui.screens.confirm_close import CloseChoice, ConfirmCloseScreen
 from chatkv.tui.screens.new_tab import NewTabRequest, NewTabScreen
 from chatkv.tui.screens.rename_tab import RenameTabScreen
+from chatkv.tui.themes import builtin_themes_dir, load_themes
 from chatkv.tui.widgets.chat_tab import ChatTab
 from chatkv.tui.widgets.chat_tabs import ChatTabs
 from chatkv.tui.widgets.stats_panel import StatsPanel
@@ -70,11 +71,13 @@ class ChatApp(App[int]):
         self.engine = engine
         self.store = store
         self.options = options
-        self.startup_notes = list(theme_problems)
+        # shown once the app runs: all skipped theme files in one notification, then any other startup notes
+        self.startup_notes = ["Theme files skipped:\n" + "\n".join(theme_problems)] if theme_problems else []
         for theme in themes:
             self.register_theme(theme)
         self._stats_ticks = 0
         self._stats_toggled_by_user = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     # layout --------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -200,8 +203,9 @@ class ChatApp(App[int]):
         self.refresh_stats(force=True)
 
     def on_chat_tab_busy_changed(self, event: ChatTab.BusyChanged) -> None:
-        self.refresh_bindings()
-        self.refresh_stats(force=True)
+        if self.screen_stack:  # empty once the app is shutting down
+            self.refresh_bindings()
+            self.refresh_stats(force=True)
 
     # actions ---------------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -282,7 +286,10 @@ class ChatApp(App[int]):
 
     def report_from_engine(self, message: str) -> None:
         """The engine's notes (a snapshot ignored, say) arrive on its thread; never block it on the UI."""
-        self._event_loop.call_soon_threadsafe(self.notify, message, severity="warning", timeout=8)
+        if self._event_loop is None:
+            self.startup_notes.append(message)
+        else:
+            self._event_loop.call_soon_threadsafe(self.notify, message, severity="warning", timeout=8)
 
     def persisted_session_ids(self) -> list[str]:
         return [tab.session_id for tab in self.chat_tabs.chat_tabs if tab.persisted]
@@ -310,19 +317,8 @@ class ChatApp(App[int]):
         panel.show_stats(self.engine.stats(), self.engine.session_stats(current.session_id) if current else None)
 
 
-def builtin_themes_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "themes"
-
-
 def make_app(settings: Settings, engine, store: ConversationStore, user_themes_dir: Path | None,
              options: AppOptions | None = None) -> ChatApp:
     """Build the app: load the theme files (problems are shown once the app runs), nothing else happens yet."""
-    themes: list[Theme] = []
-    problems: list[str] = []
-    try:
-        from chatkv.tui.themes import load_themes
-    except ImportError:
-        pass  # themes are a colleague's file still to come; Textual's own themes remain
-    else:
-        themes, problems = load_themes(builtin_themes_dir(), user_themes_dir)
+    themes, problems = load_themes(builtin_themes_dir(), user_themes_dir)
     return ChatApp(settings, engine, store, themes, problems, options or AppOptions())
