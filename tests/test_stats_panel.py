@@ -202,6 +202,19 @@ async def test_sparkline_keeps_its_own_copy_of_the_history() -> None:
         assert list(panel.decode_sparkline.data)[-1] == 999.0
 
 
+async def test_a_single_throughput_sample_is_not_drawn_as_a_full_bar() -> None:
+    app = PanelApp()
+    async with app.run_test(size=(50, 50)):
+        panel = app.query_one(StatsPanel)
+        stats = busy_stats()
+        stats.decode_tok_s_history = [0.0]
+        panel.show_stats(stats, None)
+        assert list(panel.decode_sparkline.data) == []
+        stats.decode_tok_s_history = [0.0, 12.5]
+        panel.show_stats(stats, None)
+        assert list(panel.decode_sparkline.data) == [0.0, 12.5]
+
+
 def test_panel_accepts_stats_before_it_is_mounted() -> None:
     panel = StatsPanel()
     panel.show_stats(busy_stats(), None)

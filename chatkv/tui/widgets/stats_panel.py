@@ -200,4 +200,6 @@ class StatsPanel(Widget, can_focus=False):
         if stats.decode_tok_s_history != self.decode_history:
             # A copy: the engine may reuse its list, and the comparison above needs the values as shown.
             self.decode_history = list(stats.decode_tok_s_history)
-            self.decode_sparkline.data = self.decode_history
+            # Textual draws a single point as a full-height block, which would read as peak throughput;
+            # a line needs two points to say anything, so until then the sparkline stays at its baseline.
+            self.decode_sparkline.data = self.decode_history if len(self.decode_history) >= 2 else []
