@@ -133,3 +133,31 @@ def test_ephemeral_tabs_are_not_saved(tmp_path, smollm2_dir):
     assert code == 0, stderr
     assert [(event["event"], event["turn"]) for event in events] == [("turn", 1), ("turn", 2)]  # sends queue per tab
     assert not list(data_dir.glob("data/sessions/*.json"))
+
+
+def run_launch(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run([str(CHATKV), "launch", *args], input=stdin, capture_output=True, timeout=120)
+
+
+def test_a_second_chatkv_on_the_same_data_folder_is_told_so_without_a_traceback(tmp_path):
+    from chatkv.lock import DataDirLock
+    from chatkv.paths import Paths
+
+    data_dir = tmp_path / "home"
+    with DataDirLock(Paths.resolve(data_dir).data):
+        completed = run_launch("--headless", "--script", "-", "--data-dir", str(data_dir), stdin=b'{"op":"quit"}\n')
+    stderr = completed.stderr.decode()
+    assert completed.returncode == 1
+    assert "is using" in stderr and "--data-dir" in stderr and "Traceback" not in stderr
+
+
+def test_a_model_that_cannot_be_found_is_explained_without_a_traceback(tmp_path):
+    completed = run_launch("--headless", "--script", "-", "--data-dir", str(tmp_path / "home"),
+                           "--model", str(tmp_path / "no-such-model"), stdin=b'{"op":"quit"}\n')
+    stderr = completed.stderr.decode()
+    assert completed.returncode == 1 and "Traceback" not in stderr and "no-such-model" in stderr
+
+
+def test_the_chat_without_a_terminal_points_to_headless_mode(tmp_path):
+    completed = run_launch("--data-dir", str(tmp_path / "home"))
+    assert completed.returncode == 2 and "--headless" in completed.stderr.decode()
