@@ -364,3 +364,19 @@ async def test_the_stats_panel_shows_on_a_wide_terminal_and_f2_toggles_it(store,
         assert not pilot.app.stats_panel.display
         await pilot.press("f2")
         assert pilot.app.stats_panel.display
+
+
+async def test_a_closed_conversation_reopens_from_the_palette_noting_a_reply_that_was_never_saved(store, paths):
+    conversation = store.new_conversation("old notes")
+    conversation.messages.append(Message("user", "a question chatkv never answered"))
+    store.save(conversation)
+    app = build_app(Settings(), ScriptedEngine(["ok"]), store, paths)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+p")
+        await pilot.press(*"Reopen: old")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.chat_tabs.find(conversation.id) is not None)
+        tab = app.chat_tabs.find(conversation.id)
+        await wait_until(pilot, lambda: app.chat_tabs.current is tab and len(tab.chat_view.children) == 2)
+        assert "No reply was saved" in screen_text(app)

@@ -57,7 +57,7 @@ class ChatCommands(Provider):
             commands.append(PaletteCommand(
                 f"Reopen: {conversation.name}",
                 f"Open the saved conversation {conversation.name!r} ({conversation.turns} turns) in a tab",
-                partial(app.run_worker, app.open_saved(conversation.id)),
+                partial(app.open_saved, conversation.id),
             ))
         return commands
 

@@ -108,7 +108,11 @@ class ChatTab(TabPane):
         yield PromptInput()
 
     async def on_mount(self) -> None:
-        await self.chat_view.show_history(self.conversation.messages)
+        messages = self.conversation.messages
+        await self.chat_view.show_history(messages)
+        if messages and messages[-1].role == "user":
+            # the user message is saved when sent, the reply when it ends: chatkv stopped in between
+            await self.chat_view.add_note("No reply was saved for this message: chatkv closed while writing it.")
 
     def focus_input(self) -> None:
         self.prompt_input.focus()
