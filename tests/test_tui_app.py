@@ -303,7 +303,7 @@ async def test_markup_and_escape_sequences_in_a_reply_are_shown_literally(store,
     async with app.run_test(size=SIZE) as pilot:
         tab = app.chat_tabs.current
         await type_and_send(pilot, "[i]user markup[/i]")
-        await wait_until(pilot, lambda: len(tab.conversation.messages) == 2)
+        await wait_until(pilot, lambda: len(tab.conversation.messages) == 2 and not tab.generating)
         await pilot.pause()
         shown = screen_text(app)
     assert "[bold red]loud[/]" in shown
@@ -323,9 +323,9 @@ async def test_second_turn_on_smollm2_reuses_the_cache_and_says_so_in_the_footer
         async with app.run_test(size=SIZE) as pilot:
             tab = app.chat_tabs.current
             await type_and_send(pilot, "What is the capital of France?")
-            await wait_until(pilot, lambda: len(tab.conversation.messages) == 2, timeout=120)
+            await wait_until(pilot, lambda: len(tab.conversation.messages) == 2 and not tab.generating, timeout=120)
             await type_and_send(pilot, "And of Italy?")
-            await wait_until(pilot, lambda: len(tab.conversation.messages) == 4, timeout=120)
+            await wait_until(pilot, lambda: len(tab.conversation.messages) == 4 and not tab.generating, timeout=120)
             second = tab.conversation.messages[3].stats
             assert second["reused_tokens"] > 0
             footer = tab.chat_view.replies[1].query_one(".reply-footer").render().plain

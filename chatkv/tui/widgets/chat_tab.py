@@ -152,7 +152,7 @@ class ChatTab(TabPane):
         try:
             async for event in handle:
                 if event.text:
-                    await reply.append(event.text)
+                    reply.append(event.text)
                     for listener in self.token_listeners:
                         listener(event.text)
             result = await handle.result()

@@ -13,10 +13,15 @@ from markdown_it import MarkdownIt
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.content import Content
+from textual.timer import Timer
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from chatkv.tui.literal_text import visible
+
+# New text is shown at most this often while streaming: every repaint re-lays out the screen, and on a
+# small CPU the UI thread would otherwise take time (and the GIL) from the engine writing the tokens.
+STREAM_FRAME_SECONDS = 1 / 15
 
 FINISH_NOTES = {
     "length": "stopped at the token limit",
@@ -101,7 +106,11 @@ class AssistantReply(Vertical):
         super().__init__()
         self.text = text
         self._initial_stats = stats
+        self._streaming = False
+        # made at the first frame: stopping a stream whose task never ran would cancel the caller instead
         self._stream: MarkdownStream | None = None
+        self._unshown = ""  # streamed text waiting for the next frame
+        self._frame: Timer | None = None
 
     def compose(self) -> ComposeResult:
         yield Markdown(visible(self.text), parser_factory=reply_parser, open_links=False)
@@ -115,15 +124,29 @@ class AssistantReply(Vertical):
     def begin_streaming(self) -> None:
         self.add_class("-streaming")
         self.query_one(".reply-footer", Static).update(Content("writing…"))
-        self._stream = Markdown.get_stream(self.markdown)
+        self._streaming = True
 
-    async def append(self, fragment: str) -> None:
+    def append(self, fragment: str) -> None:
         self.text += fragment
-        if self._stream is not None:
-            await self._stream.write(visible(fragment))
+        self._unshown += fragment
+        if self._frame is None and self._streaming:
+            self._frame = self.set_timer(STREAM_FRAME_SECONDS, self._show_unshown)
+
+    async def _show_unshown(self) -> None:
+        self._frame = None
+        text, self._unshown = self._unshown, ""
+        if text and self._streaming:
+            if self._stream is None:
+                self._stream = Markdown.get_stream(self.markdown)
+            await self._stream.write(visible(text))
 
     async def finish(self, text: str, stats: dict[str, Any]) -> None:
         """Stop streaming and render the whole reply once, so the end result never depends on how it was chunked."""
+        if self._frame is not None:
+            self._frame.stop()
+            self._frame = None
+        self._unshown = ""
+        self._streaming = False
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
