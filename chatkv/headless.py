@@ -114,7 +114,7 @@ class ScriptRunner:
         conversation = self.saved_conversation(op.tab)
         if conversation is None:
             session_id = op.tab if SESSION_ID_PATTERN.match(op.tab) else None
-            tab = await self.app.open_new_conversation(op.title or op.tab, op.system or "", session_id=session_id)
+            tab = await self.app.open_new_conversation(op.title or op.tab, op.system, session_id=session_id)
         else:
             if op.title is not None:
                 conversation.name = op.title

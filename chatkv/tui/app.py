@@ -170,8 +170,9 @@ class ChatApp(App[int]):
         return [conversation for conversation in conversations if conversation.id not in open_ids]
 
     async def close_tab(self, tab: ChatTab, choice: CloseChoice = CloseChoice.CLOSE) -> None:
-        """Close a tab; its reply (if any) is stopped first. DELETE also drops the saved conversation and its KV."""
-        tab.stop()
+        """Close a tab; a reply being written is stopped and saved first. DELETE also drops the conversation and its KV."""
+        if tab.stop():
+            await asyncio.wait([asyncio.create_task(tab.wait_for_turn())], timeout=5)
         await self.chat_tabs.close(tab)
         if choice is CloseChoice.DELETE or not tab.persisted:
             await asyncio.to_thread(self.engine.forget, tab.session_id)
