@@ -379,3 +379,13 @@ async def test_a_closed_conversation_reopens_from_the_palette_noting_a_reply_tha
         tab = app.chat_tabs.find(conversation.id)
         await wait_until(pilot, lambda: app.chat_tabs.current is tab and len(tab.chat_view.children) == 2)
         assert "No reply was saved" in screen_text(app)
+
+
+def test_the_reply_footer_gives_the_figures_where_the_cache_came_from_and_what_was_left_out():
+    from chatkv.tui.widgets.messages import describe_reply
+
+    footer = describe_reply({"new_tokens": 5, "ttft_ms": 12.3, "decode_tok_s": 40.04, "reused_tokens": 58,
+                             "reused_from": "disk", "prompt_tokens": 76, "finish_reason": "cancelled",
+                             "dropped_messages": 2})
+    assert footer == ("5 tokens · TTFT 12 ms · 40.0 tok/s · 58/76 prompt tokens from cache (disk snapshot)"
+                      " · 2 oldest messages left out to fit the context · stopped")

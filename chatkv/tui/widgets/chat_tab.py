@@ -52,6 +52,7 @@ def reply_stats(result: TurnResult) -> dict:
         "prompt_tokens": result.prompt_tokens,
         "batch_size": result.batch_size,
         "finish_reason": result.finish_reason,
+        "dropped_messages": result.dropped_messages,
     }
 
 
