@@ -40,6 +40,7 @@ def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Lo
         if settings.model.threads > 0:
             torch.set_num_threads(settings.model.threads)
         model = settings.model
+        progress(f"loading {model.model} (the first launch downloads and converts it: about half a minute)…")
         ensure_private_dir(paths.cache)
         bundle = load_model(model.model, ensure_private_dir(paths.models), model.dtype, model.device, progress=progress)
         progress(f"{bundle.model_id} ready ({bundle.fingerprint.dtype}, {bundle.device}, loaded in {bundle.load_seconds:.1f} s)")

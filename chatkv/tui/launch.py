@@ -38,7 +38,6 @@ def run_tui(context) -> int:
         return 2
     args, settings, paths = context.args, context.settings, context.paths
     notes = EngineNotes()
-    say(f"loading {settings.model.model} (the first launch downloads and converts it, about half a minute)…")
     try:
         with open_runtime(settings, paths, progress=say, engine_log=notes) as runtime:
             options = AppOptions(new_tab=args.new, theme=args.theme)
