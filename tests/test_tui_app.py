@@ -389,3 +389,21 @@ def test_the_reply_footer_gives_the_figures_where_the_cache_came_from_and_what_w
                              "dropped_messages": 2})
     assert footer == ("5 tokens · TTFT 12 ms · 40.0 tok/s · 58/76 prompt tokens from cache (disk snapshot)"
                       " · 2 oldest messages left out to fit the context · stopped")
+
+
+async def test_the_chat_follows_a_reply_only_while_the_user_is_at_the_bottom(store, paths):
+    engine = ScriptedEngine([f"line {n}\n\n" for n in range(60)])
+    app = build_app(Settings(), engine, store, paths)
+    async with app.run_test(size=SIZE) as pilot:
+        tab = app.chat_tabs.current
+        view = tab.chat_view
+        await type_and_send(pilot, "first")
+        await wait_until(pilot, lambda: not tab.generating and len(tab.conversation.messages) == 2)
+        await wait_until(pilot, lambda: view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y)
+        view.scroll_home(animate=False)  # the user scrolls up to read
+        view.release_anchor()
+        await pilot.pause()
+        await type_and_send(pilot, "second")
+        await wait_until(pilot, lambda: not tab.generating and len(tab.conversation.messages) == 4)
+        await pilot.pause()
+        assert view.scroll_y == 0 < view.max_scroll_y  # left where the user was reading
