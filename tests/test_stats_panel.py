@@ -129,6 +129,14 @@ async def test_undefined_figures_show_a_dash_not_zero() -> None:
         assert section_text(panel, "session") == "cached    –\nwhere     –"
 
 
+async def test_ttft_of_the_first_turn_shows_before_the_turn_ends() -> None:
+    app = PanelApp()
+    async with app.run_test(size=(50, 50)):
+        panel = app.query_one(StatsPanel)
+        panel.show_stats(EngineStats(turns=0, last_ttft_ms=312.0), None)
+        assert "312 ms last turn" in section_text(panel, "prefill")
+
+
 @pytest.mark.parametrize(
     ("session", "where"),
     [

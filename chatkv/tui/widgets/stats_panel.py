@@ -59,11 +59,14 @@ def memory_lines(stats: EngineStats) -> list[Line]:
 
 
 def decode_lines(stats: EngineStats) -> list[Line]:
+    # The sparkline below this line is Textual's: it scales between the lowest and highest recent rate, so it
+    # shows the shape of throughput over time while this figure gives its level.
     return [("decode", format_rate(stats.decode_tok_s))]
 
 
 def prefill_lines(stats: EngineStats) -> list[Line]:
-    ttft = format_ms(stats.last_ttft_ms) if stats.turns > 0 else NO_VALUE
+    # The first turn has a TTFT as soon as its first token is out, before it counts as a finished turn.
+    ttft = format_ms(stats.last_ttft_ms) if stats.turns > 0 or stats.last_ttft_ms > 0 else NO_VALUE
     return [
         ("prefill", format_rate(stats.prefill_tok_s)),
         ("TTFT", f"{ttft} last turn"),
