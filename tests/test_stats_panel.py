@@ -198,6 +198,23 @@ async def test_unchanged_figures_do_not_repaint(monkeypatch: pytest.MonkeyPatch)
         assert repainted == ["batching"] and bar_refreshes == []
 
 
+class NarrowPanelApp(App):
+    CSS = "StatsPanel { width: 24; }"
+
+    def compose(self) -> ComposeResult:
+        yield StatsPanel()
+
+
+async def test_long_values_in_a_narrow_panel_keep_one_row_per_line() -> None:
+    app = NarrowPanelApp()
+    async with app.run_test(size=(40, 60)) as pilot:
+        panel = app.query_one(StatsPanel)
+        panel.show_stats(busy_stats(), None)
+        await pilot.pause()
+        for section in panel.query(StatsSection):
+            assert section.size.height == len(section.lines), section.id
+
+
 async def test_sparkline_keeps_its_own_copy_of_the_history() -> None:
     app = PanelApp()
     async with app.run_test(size=(50, 50)):

@@ -150,7 +150,12 @@ class StatsPanel(Widget, can_focus=False):
             color: $accent;
             text-style: bold;
         }
-        & > StatsSection { width: 1fr; }
+        & > StatsSection {
+            width: 1fr;
+            /* one row per line at any width: a long value is cut with "…", never wrapped onto a new row */
+            text-wrap: nowrap;
+            text-overflow: ellipsis;
+        }
         & > #decode-history {
             height: 2;
             margin-left: 10;
