@@ -191,10 +191,11 @@ async def open_two_tabs_and_send(pilot: Pilot) -> None:
     await pilot.pause()
 
 
-def test_main_screen_snapshot(snap_compare, tmp_path: Path) -> None:
+@pytest.mark.parametrize("theme_name", ["chatkv-dark", "chatkv-light"])
+def test_main_screen_snapshot(snap_compare, tmp_path: Path, theme_name: str) -> None:
     paths = Paths.resolve(tmp_path / "home")
     settings = Settings()
     settings.ui.stats_panel = "show"
-    options = AppOptions(restore_tabs=False, persist=False, remember_layout=False, theme="chatkv-dark")
+    options = AppOptions(restore_tabs=False, persist=False, remember_layout=False, theme=theme_name)
     app = make_app(settings, FixedEngine(), ConversationStore(paths), paths.user_themes, options)
     assert snap_compare(app, terminal_size=(140, 42), run_before=open_two_tabs_and_send)
