@@ -57,7 +57,7 @@ def _draw_ttft(axes: Any, result: ScenarioResult | None) -> None:
     axes.set_title("multiturn: TTFT per turn")
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(loc="upper left", fontsize=8)
 
 
 def _draw_scaling(axes: Any, result: ScenarioResult | None) -> None:
@@ -79,4 +79,4 @@ def _draw_scaling(axes: Any, result: ScenarioResult | None) -> None:
     axes.set_title("batching: tok/s vs sessions")
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(loc="upper left", fontsize=8)
