@@ -31,6 +31,19 @@ class DataDirLocked(Exception):
         )
 
 
+class DataDirUnusable(DataDirLocked):
+    """The folder cannot be created or written (a file in its place, a read-only disk), so it cannot be locked.
+
+    A kind of DataDirLocked so that every caller that explains a refused lock explains this one too.
+    """
+
+    def __init__(self, folder: Path, reason: str):
+        self.folder = folder
+        self.pid = None
+        Exception.__init__(self, f"Cannot use {folder} for chatkv's data: {reason}. "
+                                 f"Start chatkv with --data-dir <a folder you can write to>.")
+
+
 class DataDirLock:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -42,11 +55,14 @@ class DataDirLock:
         return self._fd is not None
 
     def acquire(self) -> "DataDirLock":
-        """Take the lock now or raise ``DataDirLocked``; never waits."""
+        """Take the lock now or raise ``DataDirLocked`` (``DataDirUnusable`` if the folder cannot be written); never waits."""
         if self._fd is not None:
             return self
-        ensure_private_dir(self.folder)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            ensure_private_dir(self.folder)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise DataDirUnusable(self.folder, exc.strerror or str(exc)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
