@@ -189,6 +189,9 @@ def load_settings(path: str | os.PathLike | None) -> tuple[Settings, list[str]]:
     path = Path(path)  # --config arrives as a plain string
     if not path.exists():
         return settings, []
+    if not path.is_file():
+        # a folder, or a FIFO whose read would block the launch until something writes to it
+        return settings, [f"{path}: cannot be read (it is not a regular file); using defaults"]
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
