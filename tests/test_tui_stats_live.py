@@ -12,7 +12,7 @@ from chatkv.engine import Engine
 from chatkv.paths import Paths
 from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, make_app
-from chatkv.tui.widgets.number_format import format_bytes, format_count, format_percent
+from chatkv.tui.widgets.number_format import format_bytes, format_count, format_percent, format_quantity
 
 
 async def wait_until(pilot, condition, timeout: float = 90.0) -> None:
@@ -56,7 +56,7 @@ async def test_stats_panel_numbers_match_the_engine_stats_after_turns_in_two_tab
         f"{format_percent(stats.hit_rate)} all",
         f"{format_count(stats.reused_tokens)} of {format_count(stats.prompt_tokens)} tok",
         f"{format_bytes(stats.bytes)} of {format_bytes(stats.budget_bytes)}",
-        f"{stats.sessions} sessions · {format_count(stats.tokens)} tok",
+        f"{format_quantity(stats.sessions, 'session')} · {format_count(stats.tokens)} tok",
         f"{format_count(stats.generated_tokens)} tok",
         f"{stats.avg_batch_size:.2f} avg",
         f"forwards  {format_count(stats.forward_passes)}",
