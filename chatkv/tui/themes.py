@@ -26,6 +26,7 @@ and carry on with the themes that did load.
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,15 @@ class ThemeFileError(Exception):
 
 
 def builtin_themes_dir() -> Path:
-    """The shipped ``themes/`` folder: it sits beside the ``chatkv`` package at the repository root.
+    """The shipped ``themes/`` folder.
 
-    chatkv is installed editable from its repository (``pip install -e .``), so the package's parent folder is
-    the checkout and the themes are found without copying them into the package.
+    From a checkout (``pip install -e .``) it sits beside the ``chatkv`` package at the repository root;
+    a regular install copies it to ``<prefix>/share/chatkv/themes`` (pyproject's data-files).
     """
-    return Path(chatkv.__file__).resolve().parent.parent / "themes"
+    beside_package = Path(chatkv.__file__).resolve().parent.parent / "themes"
+    if beside_package.is_dir():
+        return beside_package
+    return Path(sys.prefix) / "share" / "chatkv" / "themes"
 
 
 def theme_from_mapping(data: dict[str, Any]) -> Theme:
