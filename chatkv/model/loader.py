@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -107,8 +110,6 @@ def load_model(
     progress: Progress = _print_progress,
     allow_pull: bool = True,
 ) -> ModelBundle:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.perf_counter()
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
@@ -117,10 +118,7 @@ def load_model(
     except ModelSourceError as exc:
         raise ModelError(str(exc)) from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, gguf_file=source.gguf_file, dtype=torch_dtype, attn_implementation="sdpa"
-        )
+        tokenizer, model = _from_pretrained(source, torch_dtype)
     except OSError as exc:
         raise ModelError(_explain_load_failure(source, exc)) from None
     model.to(torch_device)
@@ -132,10 +130,43 @@ def load_model(
     return ModelBundle(model, tokenizer, fingerprint, torch_dtype, torch_device, time.perf_counter() - started)
 
 
+def _from_pretrained(source: ModelSource, torch_dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(**options):
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, **options)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=torch_dtype, attn_implementation="sdpa", **options
+        )
+        return tokenizer, model
+
+    if not source.is_hub_id:
+        return load()
+    try:
+        return load(local_files_only=True)  # already in the Hugging Face cache: no network needed
+    except OSError:
+        if not _hub_reachable():
+            raise OSError("the hub cannot be reached from here and the model is not in the local cache") from None
+        return load()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick look before downloading: offline, transformers would retry for most of a minute."""
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _explain_load_failure(source: ModelSource, exc: OSError) -> str:
+    reason = str(exc).strip().rstrip(".")
     if source.is_hub_id:
         return (
-            f"Could not load {source.path!r} from the Hugging Face hub: {exc}. Offline, download it where you have a "
+            f"Could not load {source.path!r} from the Hugging Face hub: {reason}. Download it where you have a "
             "network and pass --model with the local folder, or use a .gguf file; leave --model out for SmolLM2."
         )
-    return f"Could not load the model from {source.path}: {exc}"
+    return f"Could not load the model from {source.path}: {reason}"
