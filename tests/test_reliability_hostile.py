@@ -156,10 +156,10 @@ async def test_a_broken_user_theme_is_reported_at_launch_left_on_disk_and_the_ap
 
 
 def fifo_read_returns(reader, fifo: Path) -> bool:
-    """Run ``reader`` in a thread; True if it finished within 5 s (a FIFO read with no writer blocks forever)."""
+    """Run ``reader`` in a thread; True if it finished within 2 s (a FIFO read with no writer blocks forever)."""
     done = threading.Event()
     threading.Thread(target=lambda: (reader(), done.set()), daemon=True).start()
-    finished = done.wait(5)
+    finished = done.wait(2)
     if not finished:
         with open(fifo, "w"):  # a writer that closes at once: the blocked read sees end of file and returns
             pass
