@@ -101,7 +101,8 @@ def run_sixteen_tabs(bundle, rounds: int | None = None, seconds: float | None = 
 
     try:
         while True:
-            for tab in range(TABS):
+            # the tabs served least so far try first: a fixed order would let the first tabs keep the queue full
+            for tab in sorted(range(TABS), key=lambda tab: finished[tab]):
                 if tab in pending or not wants_more(tab):
                     continue
                 text = user_text(tab, finished[tab] + 1)
