@@ -23,7 +23,8 @@ from chatkv.headless_script import Op, ScriptError, parse_line
 from chatkv.lock import DataDirLocked
 from chatkv.model.loader import ModelError
 from chatkv.runtime import open_runtime
-from chatkv.store import SESSION_ID_PATTERN, SessionNotFound, StoreError
+from chatkv.session_id import is_valid_session_id
+from chatkv.store import SessionNotFound, StoreError
 from chatkv.tui.app import AppOptions, ChatApp, make_app
 from chatkv.tui.widgets.chat_tab import ChatTab
 
@@ -113,7 +114,7 @@ class ScriptRunner:
             raise ScriptError(f"line {op.line}: tab {op.tab!r} is already open", op.tab)
         conversation = self.saved_conversation(op.tab)
         if conversation is None:
-            session_id = op.tab if SESSION_ID_PATTERN.match(op.tab) else None
+            session_id = op.tab if is_valid_session_id(op.tab) else None
             tab = await self.app.open_new_conversation(op.title or op.tab, op.system, session_id=session_id)
         else:
             if op.title is not None:
@@ -127,7 +128,7 @@ class ScriptRunner:
 
     def saved_conversation(self, tab_name: str):
         """The saved session whose id is this tab's name, if there is one: opening it resumes it."""
-        if not SESSION_ID_PATTERN.match(tab_name):
+        if not is_valid_session_id(tab_name):
             return None
         try:
             return self.app.store.get(tab_name)

@@ -21,8 +21,8 @@ import orjson
 from chatkv.atomic import write_bytes_atomic
 from chatkv.conversation import Conversation, new_session_id
 from chatkv.paths import Paths, ensure_private_dir
+from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # far above any real conversation (a million token ids is ~7 MiB); a bigger file is damage or a trap
 MAX_FILE_BYTES = 64 * 1024**2
 SESSION_SUFFIX = ".json"
@@ -63,11 +63,8 @@ class UnreadableFile(Exception):
 
 def validate_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is safe as a file name, else raise ``StoreError``."""
-    if not isinstance(session_id, str) or not SESSION_ID_PATTERN.match(session_id):
-        raise StoreError(
-            f"{session_id!r} is not a valid session id: use 1 to 64 letters, digits, '-' or '_', "
-            f"starting with a letter or digit"
-        )
+    if not is_valid_session_id(session_id):
+        raise StoreError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
     return session_id
 
 
@@ -295,7 +292,7 @@ class ConversationStore:
 
     def _read(self, path: Path) -> Conversation:
         session_id = path.name[: -len(SESSION_SUFFIX)]
-        if not SESSION_ID_PATTERN.match(session_id):
+        if not is_valid_session_id(session_id):
             raise UnreadableFile("its name is not a valid session id")
         record = parse_json_object(read_capped(path, self.max_file_bytes))
         try:
@@ -348,10 +345,10 @@ def _check_state(state: Any, for_saving: bool = False) -> None:
     if not isinstance(state, dict):
         raise problem("it is not an object")
     tabs = state.get("open_tabs", [])
-    if not isinstance(tabs, list) or not all(isinstance(tab, str) and SESSION_ID_PATTERN.match(tab) for tab in tabs):
+    if not isinstance(tabs, list) or not all(is_valid_session_id(tab) for tab in tabs):
         raise problem("open_tabs must be a list of session ids")
     active = state.get("active_tab")
-    if active is not None and not (isinstance(active, str) and SESSION_ID_PATTERN.match(active)):
+    if active is not None and not is_valid_session_id(active):
         raise problem("active_tab must be a session id or null")
     theme = state.get("theme")
     if theme is not None and not isinstance(theme, str):

@@ -24,7 +24,8 @@ from chatkv.engine import Engine, Sampling
 from chatkv.engine.snapshot import SnapshotStore
 from chatkv.model.loader import Fingerprint, ModelError, load_model
 from chatkv.paths import Paths
-from chatkv.store import SESSION_ID_PATTERN, ConversationStore
+from chatkv.session_id import SESSION_ID_PATTERN
+from chatkv.store import ConversationStore
 from test_reliability_support import CHATKV, run_script, script_bytes
 
 PACKAGE = Path(chatkv.__file__).resolve().parent
@@ -122,10 +123,6 @@ def test_the_model_loads_from_its_safetensors_checkpoint_without_unpickling(smol
     assert bundle.model_id and unpickling_forbidden == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chatkv/model/loader.py: load_model calls AutoModelForCausalLM.from_pretrained without use_safetensors=True, "
-    "so `--model <folder>` holding only pytorch_model.bin is unpickled with torch.load (weights_only=True, "
-    "but still pickle); it should be refused with a ModelError that asks for safetensors weights"))
 def test_a_model_folder_with_only_pickled_weights_is_refused_without_unpickling(
         tmp_path: Path, tiny_bundle, models_dir: Path, unpickling_forbidden):
     folder = tmp_path / "pickled-model"
@@ -171,12 +168,6 @@ async def test_hostile_tab_names_in_headless_mode_never_become_paths(tiny_bundle
     assert names == set(HOSTILE_TAB_NAMES)  # each name is kept as the tab's label, never used as a path
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chatkv/engine/engine.py: Engine.submit accepts any session id; with snapshots on, evicting a session "
-    "whose id is not a valid file name raises SnapshotError inside the eviction (KvStore.evict -> "
-    "_spill_to_disk -> SnapshotStore._path_for) before the entry is dropped, so every later turn that needs "
-    "room fails with 'Could not start this turn: ... is not a valid session id' -- other sessions' turns included. "
-    "Fix: refuse such ids in submit() with an EngineError, or catch SnapshotError in _spill_to_disk"))
 def test_a_session_id_that_is_not_a_file_name_never_fails_other_sessions(tiny_bundle, tmp_path: Path):
     settings = Settings()
     settings.kv.max_sessions = 1  # the next session evicts the hostile one, which spills to disk

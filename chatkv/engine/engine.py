@@ -39,6 +39,7 @@ from chatkv.engine.sampler import make_generator, next_token
 from chatkv.engine.scheduler import PlannedSegment, Scheduler
 from chatkv.engine.turn import Turn, TurnState
 from chatkv.model.loader import ModelBundle
+from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
 
 
 def eos_token_ids(bundle: ModelBundle) -> set[int]:
@@ -129,6 +130,8 @@ class Engine:
     # public API --------------------------------------------------------------------------------
     def submit(self, session_id: str, messages: list[Message], sampling: Sampling | None = None) -> TurnHandle:
         """Queue a turn: ``messages`` is the whole conversation ending with the new user message."""
+        if not is_valid_session_id(session_id):
+            raise EngineError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
         sampling = sampling or Sampling()
         sampling.validate()
         if not messages or messages[-1].role != "user":
@@ -469,8 +472,13 @@ class Engine:
 
     # KV on disk --------------------------------------------------------------------------------
     def _spill_to_disk(self, entry: SessionKv) -> None:
-        if self.snapshots is not None:
+        """An evicted session goes to disk if it can; if not, it is dropped all the same (it can be recomputed)."""
+        if self.snapshots is None:
+            return
+        try:
             self.snapshots.save(entry.session_id, entry.valid_kv(), list(entry.token_ids))
+        except Exception as exc:  # noqa: BLE001 - a failed spill must never fail the turn that needed the room
+            self._log(f"could not write the KV of session {entry.session_id} to disk while evicting it: {exc}")
 
     def _snapshot_now(self, session_ids: list[str] | None) -> int:
         written = 0

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import struct
 import threading
 import time
@@ -32,6 +31,7 @@ from safetensors import safe_open
 from chatkv.atomic import write_bytes_atomic
 from chatkv.model.loader import Fingerprint, dtype_name
 from chatkv.paths import ensure_private_dir
+from chatkv.session_id import is_valid_session_id
 
 FORMAT_NAME = "chatkv-kv-snapshot"
 FORMAT_VERSION = "1"
@@ -39,7 +39,6 @@ SUFFIX = ".safetensors"
 TENSOR_NAME = "kv"
 
 # The same rule as conversation ids: a plain file name, never a path, a dot file or a control character.
-_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # A temp file this old belongs to no write in progress: its writer was killed before the rename.
 _STALE_TEMP_SECONDS = 3600
 
@@ -72,9 +71,6 @@ def matches_prompt(snapshot: Snapshot, prompt_ids: list[int]) -> bool:
     count = len(snapshot.token_ids)
     return count <= len(prompt_ids) and list(prompt_ids[:count]) == snapshot.token_ids
 
-
-def is_valid_session_id(session_id: object) -> bool:
-    return isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) is not None
 
 
 class SnapshotStore:

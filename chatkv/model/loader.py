@@ -135,6 +135,8 @@ def _from_pretrained(source: ModelSource, torch_dtype: torch.dtype):
 
     def load(**options):
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, **options)
+        if source.gguf_file is None:
+            options["use_safetensors"] = True  # never unpickle weights (pytorch_model.bin)
         model = AutoModelForCausalLM.from_pretrained(
             source.path, gguf_file=source.gguf_file, dtype=torch_dtype, attn_implementation="sdpa", **options
         )
@@ -164,6 +166,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _explain_load_failure(source: ModelSource, exc: OSError) -> str:
     reason = str(exc).strip().rstrip(".")
+    if "safetensors" in reason.lower():
+        return (
+            f"{source.path} has no safetensors weights. chatkv does not load pickled weights (pytorch_model.bin); "
+            "convert the model to safetensors, or pass a .gguf file"
+        )
     if source.is_hub_id:
         return (
             f"Could not load {source.path!r} from the Hugging Face hub: {reason}. Download it where you have a "
