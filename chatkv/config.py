@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatkv.safe_read import UnreadableFile, read_capped
+
 GIB = 1024**3
+MAX_CONFIG_BYTES = 1024**2  # a config file is a few lines; refuse anything this large
 
 
 @dataclass
@@ -189,13 +192,12 @@ def load_settings(path: str | os.PathLike | None) -> tuple[Settings, list[str]]:
     path = Path(path)  # --config arrives as a plain string
     if not path.exists():
         return settings, []
-    if not path.is_file():
-        # a folder, or a FIFO whose read would block the launch until something writes to it
-        return settings, [f"{path}: cannot be read (it is not a regular file); using defaults"]
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_capped(path, MAX_CONFIG_BYTES, follow_symlinks=True).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         return settings, [f"{path}: not valid TOML ({exc}); using defaults"]
+    except UnreadableFile as exc:  # a folder, a FIFO, a huge file
+        return settings, [f"{path}: cannot be read ({exc.reason}); using defaults"]
     except OSError as exc:
         return settings, [f"{path}: cannot be read ({exc.strerror}); using defaults"]
     return settings, [f"{path}: {message}" for message in apply_mapping(settings, data)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import orjson
 from chatkv.atomic import write_bytes_atomic
 from chatkv.conversation import Conversation, new_session_id
 from chatkv.paths import Paths, ensure_private_dir
+from chatkv.safe_read import UnreadableFile, human_size, read_capped
 from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
 
 # far above any real conversation (a million token ids is ~7 MiB); a bigger file is damage or a trap
@@ -53,55 +53,11 @@ class SessionNotFound(StoreError):
     pass
 
 
-class UnreadableFile(Exception):
-    """A stored file that cannot be used; ``reason`` says why, in words."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
 def validate_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is safe as a file name, else raise ``StoreError``."""
     if not is_valid_session_id(session_id):
         raise StoreError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
     return session_id
-
-
-def read_capped(path: Path, max_bytes: int) -> bytes:
-    """The bytes of a regular file no bigger than ``max_bytes``; ``UnreadableFile`` for anything else."""
-    try:
-        # O_NOFOLLOW: a symlink planted in the folder must not make us read (and later show) another file;
-        # O_NONBLOCK: opening a FIFO named like a session must not hang the app
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnreadableFile("it is a symbolic link, not a file") from None
-        if exc.errno == errno.ENOENT:
-            raise
-        raise UnreadableFile(f"cannot be opened ({exc.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnreadableFile("it is not a regular file")
-        if info.st_size > max_bytes:
-            raise UnreadableFile(f"it is too large ({_human_size(info.st_size)}, the limit is {_human_size(max_bytes)})")
-        chunks = []
-        remaining = max_bytes + 1  # the file may grow after fstat; never read past the cap
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1024**2))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-    except OSError as exc:
-        raise UnreadableFile(f"cannot be read ({exc.strerror})") from None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > max_bytes:
-        raise UnreadableFile(f"it is too large (over {_human_size(max_bytes)})")
-    return data
 
 
 def parse_json_object(data: bytes) -> dict[str, Any]:
@@ -121,14 +77,6 @@ def parse_json_object(data: bytes) -> dict[str, Any]:
 
 def describe_os_error(exc: OSError) -> str:
     return _SAVE_REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
-
-
-def _human_size(size: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 class ConversationStore:
@@ -171,7 +119,7 @@ class ConversationStore:
 
         if len(data) > self.max_file_bytes:
             raise StoreError(
-                f"{label}: it has grown to {_human_size(len(data))}, over the {_human_size(self.max_file_bytes)} limit; "
+                f"{label}: it has grown to {human_size(len(data))}, over the {human_size(self.max_file_bytes)} limit; "
                 f"start a new conversation. {kept()}"
             )
         try:

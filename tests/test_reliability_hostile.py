@@ -167,10 +167,6 @@ def fifo_read_returns(reader, fifo: Path) -> bool:
     return finished
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chatkv/tui/themes.py: read_theme_folder reads every *.toml with Path.read_text, which blocks forever "
-    "on a FIFO named like a theme: the launch hangs before the UI appears (the store opens with O_NONBLOCK "
-    "and checks S_ISREG for this reason)"))
 def test_a_fifo_posing_as_a_theme_file_does_not_hang_the_launch(tmp_path: Path):
     user_themes = tmp_path / "themes"
     user_themes.mkdir()

@@ -35,6 +35,7 @@ from textual.color import Color, ColorParseError
 from textual.theme import Theme
 
 import chatkv
+from chatkv.safe_read import UnreadableFile, read_capped
 
 COLOUR_KEYS = ("primary", "secondary", "accent", "background", "surface", "panel", "foreground",
                "warning", "error", "success")
@@ -44,6 +45,9 @@ OPTIONAL_KEYS = ("variables",)
 
 class ThemeFileError(Exception):
     """What is wrong with one theme file, in words the user can act on."""
+
+
+MAX_THEME_FILE_BYTES = 1024**2  # a theme is a few hundred bytes; anything near this is not a theme
 
 
 def builtin_themes_dir() -> Path:
@@ -100,11 +104,13 @@ def check_colour(key: str, value: Any) -> None:
 
 def read_theme_file(path: Path) -> Theme:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_capped(path, MAX_THEME_FILE_BYTES, follow_symlinks=True).decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ThemeFileError(f"not valid TOML ({exc})") from None
     except UnicodeDecodeError:
         raise ThemeFileError("not UTF-8 text") from None
+    except UnreadableFile as exc:
+        raise ThemeFileError(exc.reason) from None
     except OSError as exc:
         raise ThemeFileError(f"cannot be read ({exc.strerror})") from None
     return theme_from_mapping(data)
