@@ -57,11 +57,15 @@ def parse_line(raw: bytes, line: int) -> Op | None:
         tab = _string(data, "tab", where, required=True, tab=shown_tab)
         if not tab:
             raise ScriptError(f"{where}: \"tab\" must not be empty", shown_tab)
+    text = _string(data, "text", where, required=name == "send", tab=shown_tab)
+    if name == "send" and not text.strip():
+        # the TUI sends nothing for blank input; a script gets told instead of a turn on an empty message
+        raise ScriptError(f"{where}: \"text\" is empty; a send needs something to say", shown_tab)
     return Op(
         name=name,
         line=line,
         tab=tab if name in NEEDS_TAB else shown_tab,
-        text=_string(data, "text", where, required=name == "send", tab=shown_tab),
+        text=text,
         system=_string(data, "system", where, tab=shown_tab),
         title=_string(data, "name", where, tab=shown_tab),
         max_new_tokens=_number(data, "max_new_tokens", where, integer=True, minimum=1, tab=shown_tab),

@@ -205,10 +205,6 @@ def test_a_data_dir_that_is_a_file_is_explained_without_a_traceback(tmp_path: Pa
 # ---- hostile input --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chatkv/headless_script.py / headless.py: a send whose text is empty or only whitespace runs a turn on "
-    "a blank message (the model answers nothing in particular); the TUI sends nothing for the same input, "
-    "so headless mode should refuse it with an error event"))
 async def test_an_empty_or_blank_send_in_headless_mode_is_refused_with_an_error_event(tiny_engine, paths: Paths):
     run = await run_script(tiny_engine, tiny_engine.settings, paths, script_bytes(
         {"op": "open", "tab": "a"}, {"op": "send", "tab": "a", "text": ""},
