@@ -7,6 +7,8 @@ parsed as markup), replies are Markdown with raw HTML switched off, and both go 
 
 from __future__ import annotations
 
+import asyncio
+
 from typing import Any
 
 from markdown_it import MarkdownIt
@@ -151,8 +153,15 @@ class AssistantReply(Vertical):
         self._unshown = ""
         self._streaming = False
         if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+            stream, self._stream = self._stream, None
+            try:
+                await stream.stop()
+            except asyncio.CancelledError:
+                # stop() cancels the stream's task and awaits it; if that task had not started yet, the await
+                # raises here although nobody cancelled *this* turn. Only a cancel aimed at us goes on up.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
         self.text = text
         await self.markdown.update(visible(text))
         self.remove_class("-streaming")
