@@ -78,6 +78,7 @@ class ScriptRunner:
     async def __call__(self, pilot: Pilot) -> None:
         """The app's autopilot: run every line, wait for the turns still running, quit."""
         self.app = pilot.app  # type: ignore[assignment]
+        self.app.problem_listeners.append(self.report_problem)
         number = 0
         while raw := await asyncio.to_thread(self.script.readline):
             number += 1
@@ -89,6 +90,11 @@ class ScriptRunner:
                 self.events.error(exc.tab, str(exc))
         await self.wait_all()
         await self.app.action_quit()
+
+    def report_problem(self, session_id: str | None, message: str) -> None:
+        """What the App would show a user (a save that failed, say) becomes an error event for the script."""
+        name = next((name for name, tab in self.tabs.items() if tab.session_id == session_id), session_id)
+        self.events.error(name, message)
 
     async def run(self, op: Op) -> bool:
         """Carry out one op; False once the script asked to quit."""

@@ -104,10 +104,6 @@ async def test_a_broken_conversation_reopened_at_launch_is_set_aside_reported_an
     assert (store.quarantine_folder / "bad.json").read_bytes() == b'{"id": "bad", "messages": ['
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chatkv/tui/app.py: ChatApp.closed_conversations() drops the messages of ConversationStore.load_all() "
-    "(`conversations, _ = ...`), so opening the command palette moves a damaged file to quarantine without "
-    "a word to the user"))
 async def test_a_broken_conversation_found_by_the_command_palette_is_reported_when_set_aside(tiny_engine, paths: Paths):
     store = ConversationStore(paths)
     save_conversation(store, "good", "closed but fine")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -78,6 +79,8 @@ class ChatApp(App[int]):
         self._stats_ticks = 0
         self._stats_toggled_by_user = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        # told of every problem the user is shown (headless mode turns them into error events): (session id or None, message)
+        self.problem_listeners: list[Callable[[str | None, str], None]] = []
 
     # layout --------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -130,11 +133,17 @@ class ChatApp(App[int]):
         return Sampling(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
                         top_p=generation.top_p, max_time_ms=generation.max_time_ms)
 
+    def report_problem(self, message: str, session_id: str | None = None, severity: str = "error") -> None:
+        """Show a problem the user should know about, and tell whoever listens (headless mode)."""
+        self.notify(message, severity=severity, timeout=10)
+        for listener in self.problem_listeners:
+            listener(session_id, message)
+
     def save_conversation(self, conversation: Conversation) -> None:
         try:
             self.store.save(conversation)
         except StoreError as exc:
-            self.notify(str(exc), severity="error", timeout=10)
+            self.report_problem(str(exc), conversation.id)
 
     async def open_conversation(self, conversation: Conversation, activate: bool = True, persist: bool | None = None) -> ChatTab:
         """Show a conversation in a tab (the one already showing it, if any)."""
@@ -162,10 +171,12 @@ class ChatApp(App[int]):
         try:
             await self.open_conversation(self.store.get(session_id))
         except StoreError as exc:
-            self.notify(str(exc), severity="error")
+            self.report_problem(str(exc), session_id)
 
     async def closed_conversations(self) -> list[Conversation]:
-        conversations, _ = await asyncio.to_thread(self.store.load_all)
+        conversations, set_aside = await asyncio.to_thread(self.store.load_all)
+        for message in set_aside:
+            self.report_problem(message, severity="warning")
         open_ids = {tab.session_id for tab in self.chat_tabs.chat_tabs}
         return [conversation for conversation in conversations if conversation.id not in open_ids]
 
@@ -180,7 +191,7 @@ class ChatApp(App[int]):
             try:
                 self.store.delete(tab.session_id)
             except StoreError as exc:
-                self.notify(str(exc), severity="error")
+                self.report_problem(str(exc), tab.session_id)
         if self.options.restore_tabs and not self.chat_tabs.chat_tabs:
             await self.open_new_conversation()
         self.save_layout()
@@ -197,7 +208,7 @@ class ChatApp(App[int]):
         try:
             self.store.save_state(state)
         except StoreError as exc:
-            self.notify(str(exc), severity="error")
+            self.report_problem(str(exc))
 
     def on_tabbed_content_tab_activated(self, event: ChatTabs.TabActivated) -> None:
         self.save_layout()
