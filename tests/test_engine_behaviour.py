@@ -297,3 +297,20 @@ def test_an_internal_engine_error_fails_every_pending_turn_instead_of_hanging(ti
     with pytest.raises(EngineError, match="internal error"):
         engine.submit("b", [Message("user", "y")])
     engine.close()
+
+
+def test_drain_serves_every_submitted_turn_on_the_calling_thread_with_the_same_replies(tiny_bundle):
+    threaded = Engine(tiny_bundle, Settings()).start()
+    try:
+        expected = [threaded.submit(f"s{i}", [Message("user", f"hello {i}")], Sampling(max_new_tokens=6)).wait(60)
+                    for i in range(3)]
+    finally:
+        threaded.close()
+    engine = Engine(tiny_bundle, Settings())  # never started: no thread of its own
+    handles = [engine.submit(f"s{i}", [Message("user", f"hello {i}")], Sampling(max_new_tokens=6)) for i in range(3)]
+    engine.drain()
+    results = [handle.wait(0) for handle in handles]
+    assert [r.reply_ids for r in results] == [r.reply_ids for r in expected]
+    assert {r.batch_size for r in results} == {3}  # submitted together, prefilled together
+    with Engine(tiny_bundle, Settings()) as started, pytest.raises(RuntimeError, match="not started"):
+        started.drain()

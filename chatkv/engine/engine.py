@@ -263,21 +263,39 @@ class Engine:
                     self._cancel_everything()
                     self._run_calls()
                     return
-                self._run_calls()
-                self._apply_cancellations()
-                delay = self.scheduler.batch_wait_remaining(time.perf_counter())
-                if delay > 0:
-                    self._wakeup.wait(timeout=delay)
-                    continue
-                for turn in self.scheduler.take_admissions():
-                    try:
-                        self._admit(turn)
-                    except Exception as exc:  # noqa: BLE001 - one bad turn must not stop the engine
-                        self.store.pinned.discard(turn.session_id)
-                        self._finish(turn, "error", f"Could not start this turn: {exc}")
-                plan = self.scheduler.plan_step()
-            if plan:
-                self._run_step(plan)
+            self._step()
+
+    def drain(self) -> None:
+        """Serve every submitted turn to the end on the calling thread (the engine must not be started).
+
+        For callers that want all of the process's torch work on one thread, as the bench does: torch's
+        OpenMP workers belong to the thread that calls into torch, and on a small machine a second set
+        slows both (their idle workers stop spinning), so a bench running baselines on its main thread and
+        the engine on another would understate both.
+        """
+        if self._thread is not None:
+            raise RuntimeError("drain() is for an engine that was not started")
+        while self.scheduler.has_work():
+            self._step()
+
+    def _step(self) -> None:
+        """One round: run queued calls, apply cancellations, admit waiting turns, one forward pass."""
+        with self._wakeup:
+            self._run_calls()
+            self._apply_cancellations()
+            delay = self.scheduler.batch_wait_remaining(time.perf_counter())
+            if delay > 0:
+                self._wakeup.wait(timeout=delay)  # a lone turn waits briefly for company (max_batch_wait_ms)
+                return
+            for turn in self.scheduler.take_admissions():
+                try:
+                    self._admit(turn)
+                except Exception as exc:  # noqa: BLE001 - one bad turn must not stop the engine
+                    self.store.pinned.discard(turn.session_id)
+                    self._finish(turn, "error", f"Could not start this turn: {exc}")
+            plan = self.scheduler.plan_step()
+        if plan:
+            self._run_step(plan)
 
     def _run_calls(self) -> None:
         calls, self._calls = self._calls, []
