@@ -14,7 +14,7 @@ same model object stays a stock transformers model for them, even while the engi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ class Segment:
     start: int  # first position of the segment in the packed input
     length: int  # how many new tokens
     past: int  # tokens already in kv before this step
+    mask: torch.Tensor | None = field(default=None, repr=False)  # built by the first layer, reused by the rest
 
 
 @dataclass
@@ -82,7 +83,9 @@ def packed_attention(
             attended = F.scaled_dot_product_attention(folded, past_keys, past_values, scale=scaling)
             output[0, start] = attended.reshape(query.shape[1], query.shape[3])
             continue
-        mask = None if past == 0 else _causal_mask_with_past(length, past, query.dtype, query.device)
+        if past and segment.mask is None:
+            segment.mask = _causal_mask_with_past(length, past, query.dtype, query.device)
+        mask = segment.mask
         attended = F.scaled_dot_product_attention(
             query[:, :, start : start + length],
             past_keys,

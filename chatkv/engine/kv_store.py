@@ -18,7 +18,8 @@ import torch
 
 from chatkv.config import KvOptions
 
-CAPACITY_STEP = 128  # tokens; capacity grows in these steps so small growth does not copy every turn
+CAPACITY_STEP = 128  # tokens; capacity is a multiple of this
+GROWTH = 1.5  # a session that outgrows its tensor gets this much more room, so most turns copy nothing
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ class KvStore:
         entry = self.get(session_id)
         if entry is not None and entry.capacity >= tokens_needed:
             return entry
-        capacity = min(_round_up(tokens_needed, CAPACITY_STEP), max(tokens_needed, self.options.max_tokens_per_session))
+        wanted = max(tokens_needed, int(entry.capacity * GROWTH) if entry is not None else 0)
+        # never beyond the per-session limit, unless this one turn needs more (its prompt was already fitted to it)
+        capacity = min(_round_up(wanted, CAPACITY_STEP), max(tokens_needed, self.options.max_tokens_per_session))
         new_bytes = self.bytes_for(capacity)
         if entry is None:
             while len(self._entries) >= self.options.max_sessions:
