@@ -314,3 +314,15 @@ def test_drain_serves_every_submitted_turn_on_the_calling_thread_with_the_same_r
     assert {r.batch_size for r in results} == {3}  # submitted together, prefilled together
     with Engine(tiny_bundle, Settings()) as started, pytest.raises(RuntimeError, match="not started"):
         started.drain()
+
+
+def test_a_lone_conversation_never_waits_for_company_but_new_sessions_do(tiny_bundle):
+    engine = Engine(tiny_bundle, settings_with(batching__max_batch_wait_ms=300)).start()
+    history: list[Message] = []
+    try:
+        first = chat(engine, "solo", history, "hello")  # a new session may be one of several tabs: it waits
+        second = chat(engine, "solo", history, "again")  # the same session on its own: no reason to wait
+    finally:
+        engine.close()
+    assert first.ttft_ms >= 300
+    assert second.ttft_ms < 300

@@ -3,8 +3,10 @@
 Policy, in short:
 - a bounded queue; a full queue rejects the turn at once with a message;
 - at most ``max_batch_size`` turns run at a time, one per session;
-- when nothing is decoding, new turns wait up to ``max_batch_wait_ms`` for company, so turns sent
-  together from several tabs share their prefill;
+- when nothing is decoding, a new turn waits up to ``max_batch_wait_ms`` for company, so turns sent
+  together from several tabs share their prefill; it waits only when company is plausible (its session
+  is new, as when tabs are opened or restored together, or another session sent a turn in the last
+  few seconds), so one conversation on its own never pays the wait;
 - every step packs one token for each decoding turn (continuous batching: turns join and leave
   between steps) and up to ``prefill_chunk_tokens`` of prompt from turns still prefilling;
 - ``prefill_only`` reproduces the seed design: prompts are prefilled together, but each turn then
@@ -15,7 +17,6 @@ The scheduler never touches the model or the KV tensors; the engine does.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -37,12 +38,16 @@ class PlannedSegment:
         return self.turn.prefill_position + len(self.tokens) == self.turn.prompt_tokens
 
 
+COMPANY_WINDOW_SECONDS = 5.0  # another session's turn this recent suggests a burst from several tabs
+
+
 class Scheduler:
     def __init__(self, options: BatchingOptions) -> None:
         self.options = options
         self.waiting: deque[Turn] = deque()
         self.running: list[Turn] = []
         self._decode_cursor = 0
+        self._last_submit: dict[str, float] = {}  # session -> when it last sent a turn (recent ones only)
 
     @property
     def max_batch_size(self) -> int:
@@ -55,6 +60,10 @@ class Scheduler:
                 "Try again when a reply finishes."
             )
         self.waiting.append(turn)
+        now = turn.submitted_at
+        self._last_submit = {sid: at for sid, at in self._last_submit.items() if now - at < COMPANY_WINDOW_SECONDS}
+        turn.session_is_new = turn.session_id not in self._last_submit
+        self._last_submit[turn.session_id] = now
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -65,8 +74,16 @@ class Scheduler:
             return 0.0
         if len(self.waiting) + len(self.running) >= self.max_batch_size:
             return 0.0
-        waited = now - self.waiting[0].submitted_at
+        first = self.waiting[0]
+        if not self._company_plausible(first, now):
+            return 0.0
+        waited = now - first.submitted_at
         return max(0.0, self.options.max_batch_wait_ms / 1000 - waited)
+
+    def _company_plausible(self, turn: Turn, now: float) -> bool:
+        if turn.session_is_new:
+            return True
+        return any(sid != turn.session_id and now - at < COMPANY_WINDOW_SECONDS for sid, at in self._last_submit.items())
 
     def take_admissions(self) -> list[Turn]:
         """Waiting turns that may start now: free batch slots, and no other turn of the same session running."""
@@ -110,7 +127,3 @@ class Scheduler:
             self.running.remove(turn)
         elif turn in self.waiting:
             self.waiting.remove(turn)
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -26,6 +26,7 @@ class Turn:
     handle: TurnHandle
     dropped_messages: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
+    session_is_new: bool = False  # no turn of this session in the last few seconds (set by the scheduler)
     state: TurnState = TurnState.WAITING
     # filled at admission
     admitted_at: float = 0.0
