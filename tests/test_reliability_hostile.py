@@ -9,7 +9,6 @@ sequences in replies (test_tui_app.py). Here: the same damage met by the running
 
 from __future__ import annotations
 
-import asyncio
 import html
 import os
 import re
@@ -24,11 +23,11 @@ from textual import events
 from chatkv.config import Settings, load_settings
 from chatkv.conversation import Message
 from chatkv.engine import Engine
-from chatkv.engine.api import EngineStats, Sampling, TokenEvent, TurnHandle, TurnResult
 from chatkv.paths import Paths
 from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, make_app
 from chatkv.tui.themes import builtin_themes_dir, load_themes
+from stand_in_engine import StandInEngine
 from test_reliability_support import run_chatkv, run_script, script_bytes
 
 SIZE = (130, 40)
@@ -223,39 +222,9 @@ async def test_a_200_kb_paste_in_headless_mode_is_refused_with_a_clear_message_a
     assert [m.content for m in saved if m.role == "user"] == ["a short one"]  # the refused paste is not kept as sent
 
 
-class FixedReplyEngine:
-    """Replies with fixed text, where what matters is how the text travels, not what a model would say."""
-
-    def __init__(self, reply: str) -> None:
-        self.reply = reply
-        self.prompts: list[str] = []
-
-    def submit(self, session_id: str, messages: list[Message], sampling: Sampling) -> TurnHandle:
-        self.prompts.append(messages[-1].content)
-        handle = TurnHandle(session_id, asyncio.get_running_loop())
-        handle._push(TokenEvent(session_id, self.reply, 7))
-        handle._finish(TurnResult(session_id, self.reply, [7], [1, 2], 2, 0, "none", 2, 1, 1.0, 0.0, 1, "stop"))
-        return handle
-
-    def cancel(self, session_id: str) -> bool:
-        return False
-
-    def stats(self) -> EngineStats:
-        return EngineStats()
-
-    def session_stats(self, session_id: str):
-        return None
-
-    def snapshot(self, session_ids=None) -> int:
-        return 0
-
-    def forget(self, session_id: str) -> None:
-        pass
-
-
 async def test_control_characters_escapes_and_markup_travel_through_headless_mode_literally_on_one_json_line(
         paths: Paths):
-    engine = FixedReplyEngine(HOSTILE_TEXT[::-1])
+    engine = StandInEngine([HOSTILE_TEXT[::-1]])
     from chatkv.headless import EventWriter  # the real writer, on a byte-exact buffer
 
     run = await run_script(engine, Settings(), paths, script_bytes(
@@ -282,7 +251,7 @@ async def test_control_characters_escapes_and_markup_travel_through_headless_mod
 
 
 async def test_control_characters_and_escape_sequences_typed_by_the_user_are_shown_as_symbols(paths: Paths):
-    engine = FixedReplyEngine("fine")
+    engine = StandInEngine(["fine"])
     app = make_app(Settings(), engine, ConversationStore(paths), paths.user_themes, AppOptions())
 
     async with app.run_test(size=(250, 40)) as pilot:  # wide enough to keep the message on one line

@@ -21,11 +21,12 @@ from textual.widgets import Markdown
 from chatkv.config import Settings
 from chatkv.conversation import Message
 from chatkv.engine import Engine, QueueFullError, Sampling
-from chatkv.engine.api import EngineStats, TokenEvent, TurnResult
+from chatkv.engine.api import TokenEvent, TurnResult
 from chatkv.engine.engine import eos_token_ids
 from chatkv.engine.reference import greedy_full_recompute
 from chatkv.paths import Paths
 from chatkv.store import ConversationStore
+from stand_in_engine import StandInEngine
 from test_reliability_support import run_script, script_bytes
 
 TABS = 16
@@ -187,11 +188,12 @@ async def test_sixteen_headless_tabs_at_once_get_their_own_exact_replies_and_eve
     assert reported["evictions"] > 0
 
 
-class EndsOnFirstFrameEngine:
+class EndsOnFirstFrameEngine(StandInEngine):
     """Writes one token, then ends the turn at the moment the reply draws its first frame: the timing that
     a busy engine hits by chance (the sixteen-tab headless run above sees it every few runs)."""
 
     def __init__(self) -> None:
+        super().__init__(["Hi"])
         self.handles: list[InstantHandle] = []
 
     def submit(self, session_id: str, messages: list[Message], sampling: Sampling) -> "InstantHandle":
@@ -202,21 +204,6 @@ class EndsOnFirstFrameEngine:
     def end_every_turn(self) -> None:
         for handle in self.handles:
             handle.end()
-
-    def cancel(self, session_id: str) -> bool:
-        return False
-
-    def stats(self) -> EngineStats:
-        return EngineStats()
-
-    def session_stats(self, session_id: str):
-        return None
-
-    def snapshot(self, session_ids=None) -> int:
-        return 0
-
-    def forget(self, session_id: str) -> None:
-        pass
 
 
 class InstantHandle:

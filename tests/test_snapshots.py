@@ -7,7 +7,6 @@ the text cursor set not to blink. After a deliberate change to the look, regener
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,13 @@ from textual.pilot import Pilot
 from textual.widgets import Button, Footer, Header, Input, Markdown, TabbedContent, TabPane, TextArea
 
 from chatkv.config import Settings
-from chatkv.conversation import Message
-from chatkv.engine.api import EngineStats, Sampling, SessionStats, TokenEvent, TurnHandle, TurnResult
+from chatkv.engine.api import EngineStats, SessionStats, TurnResult
 from chatkv.paths import Paths
 from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, make_app
 from chatkv.tui.themes import builtin_themes_dir, load_themes
 from chatkv.tui.widgets.stats_panel import StatsPanel
+from stand_in_engine import StandInEngine
 
 MIB = 1024**2
 SHIPPED_THEMES = sorted(theme.name for theme in load_themes(builtin_themes_dir(), None)[0])
@@ -148,35 +147,25 @@ REPLY_TOKENS = ["The ", "cache ", "keeps ", "each ", "tab's ", "keys ", "and ", 
                 "next ", "turn ", "starts ", "where ", "this ", "one ", "ended."]
 
 
-class FixedEngine:
+class FixedEngine(StandInEngine):
     """Stands in for the engine so the main screen is the same on every run: fixed replies, fixed figures."""
 
-    def submit(self, session_id: str, messages: list[Message], sampling: Sampling) -> TurnHandle:
-        handle = TurnHandle(session_id, asyncio.get_running_loop())
-        for index, text in enumerate(REPLY_TOKENS):
-            handle._push(TokenEvent(session_id, text, index))
-        handle._finish(TurnResult(
+    def __init__(self) -> None:
+        super().__init__(REPLY_TOKENS)
+
+    def result_for(self, session_id: str) -> TurnResult:
+        return TurnResult(
             session_id=session_id, reply="".join(REPLY_TOKENS), reply_ids=list(range(len(REPLY_TOKENS))),
             prompt_ids=list(range(40)), prompt_tokens=40, reused_tokens=31, reused_from="memory",
             prefilled_tokens=9, new_tokens=len(REPLY_TOKENS), ttft_ms=142.0, decode_tok_s=25.3, batch_size=2,
             finish_reason="stop",
-        ))
-        return handle
-
-    def cancel(self, session_id: str) -> bool:
-        return False
+        )
 
     def stats(self) -> EngineStats:
         return busy_engine_stats()
 
     def session_stats(self, session_id: str) -> SessionStats:
         return TAB_SESSION
-
-    def snapshot(self, session_ids=None) -> int:
-        return 0
-
-    def forget(self, session_id: str) -> None:
-        pass
 
 
 async def open_two_tabs_and_send(pilot: Pilot) -> None:

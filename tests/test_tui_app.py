@@ -19,7 +19,7 @@ from textual.pilot import Pilot
 from chatkv.config import Settings
 from chatkv.conversation import Message
 from chatkv.engine import Engine
-from chatkv.engine.api import Sampling, TokenEvent, TurnHandle, TurnResult
+from chatkv.engine.api import Sampling, TokenEvent, TurnHandle
 from chatkv.paths import Paths
 from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, ChatApp, make_app
@@ -28,6 +28,7 @@ from chatkv.tui.screens.new_tab import NewTabScreen
 from chatkv.tui.widgets.chat_tab import BUSY_MESSAGE
 from chatkv.tui.widgets.messages import AssistantReply, UserMessage
 from chatkv.tui.widgets.prompt_input import PromptInput
+from stand_in_engine import StandInEngine
 
 SIZE = (130, 40)
 
@@ -247,40 +248,7 @@ async def test_closing_keeps_the_conversation_and_deleting_removes_it(start_engi
     assert kept.session_id in saved_ids and deleted.session_id not in saved_ids
 
 
-class ScriptedEngine:
-    """Stands in for the engine where the text of the reply is the point: replays fixed tokens."""
-
-    def __init__(self, tokens: list[str]) -> None:
-        self.tokens = tokens
-
-    def submit(self, session_id: str, messages: list[Message], sampling: Sampling) -> TurnHandle:
-        handle = TurnHandle(session_id, asyncio.get_running_loop())
-        for index, text in enumerate(self.tokens):
-            handle._push(TokenEvent(session_id, text, index))
-        reply = "".join(self.tokens)
-        handle._finish(TurnResult(session_id, reply, list(range(len(self.tokens))), [1, 2, 3], 3, 0, "none", 3,
-                                  len(self.tokens), 5.0, 100.0, 1, "stop"))
-        return handle
-
-    def cancel(self, session_id: str) -> bool:
-        return False
-
-    def stats(self):
-        from chatkv.engine.api import EngineStats
-
-        return EngineStats()
-
-    def session_stats(self, session_id: str):
-        return None
-
-    def snapshot(self, session_ids=None) -> int:
-        return 0
-
-    def forget(self, session_id: str) -> None:
-        pass
-
-
-class HeldEngine(ScriptedEngine):
+class HeldEngine(StandInEngine):
     """Writes its first token, then holds the turn open until the test calls ``release``."""
 
     def submit(self, session_id: str, messages: list[Message], sampling: Sampling) -> TurnHandle:
@@ -289,16 +257,14 @@ class HeldEngine(ScriptedEngine):
         return self.handle
 
     def release(self) -> None:
-        reply = "".join(self.tokens)
         for index, text in enumerate(self.tokens[1:], start=1):
             self.handle._push(TokenEvent(self.handle.session_id, text, index))
-        self.handle._finish(TurnResult(self.handle.session_id, reply, list(range(len(self.tokens))), [1, 2, 3], 3, 0,
-                                       "none", 3, len(self.tokens), 5.0, 100.0, 1, "stop"))
+        self.handle._finish(self.result_for(self.handle.session_id))
 
 
 async def test_markup_and_escape_sequences_in_a_reply_are_shown_literally(store, paths):
     tokens = ["Look: ", "[bold red]loud[/] ", "[@click=app.quit]quit[/] ", "\x1b[31mred\x1b[0m ", "<b>tag</b>"]
-    app = build_app(Settings(), ScriptedEngine(tokens), store, paths)
+    app = build_app(Settings(), StandInEngine(tokens), store, paths)
     async with app.run_test(size=SIZE) as pilot:
         tab = app.chat_tabs.current
         await type_and_send(pilot, "[i]user markup[/i]")
@@ -335,7 +301,7 @@ async def test_second_turn_on_smollm2_reuses_the_cache_and_says_so_in_the_footer
 
 
 async def test_the_theme_choice_is_remembered_and_the_theme_flag_wins(store, paths):
-    engine = ScriptedEngine(["ok"])
+    engine = StandInEngine(["ok"])
     async with build_app(Settings(), engine, store, paths).run_test(size=SIZE) as pilot:
         assert pilot.app.theme == "chatkv-dark"  # the default from settings
         pilot.app.theme = "chatkv-light"  # what the palette's Theme command does
@@ -347,14 +313,14 @@ async def test_the_theme_choice_is_remembered_and_the_theme_flag_wins(store, pat
 
 
 async def test_an_unknown_theme_falls_back_and_says_so(store, paths):
-    app = build_app(Settings(), ScriptedEngine(["ok"]), store, paths, theme="no-such-theme")
+    app = build_app(Settings(), StandInEngine(["ok"]), store, paths, theme="no-such-theme")
     async with app.run_test(size=SIZE, notifications=True) as pilot:
         assert app.theme == "textual-dark"
         await wait_until(pilot, lambda: any("no-such-theme" in toast.render().plain for toast in app.screen.query("Toast")))
 
 
 async def test_the_stats_panel_shows_on_a_wide_terminal_and_f2_toggles_it(store, paths):
-    engine = ScriptedEngine(["ok"])
+    engine = StandInEngine(["ok"])
     async with build_app(Settings(), engine, store, paths).run_test(size=(100, 30)) as pilot:
         assert not pilot.app.stats_panel.display
     async with build_app(Settings(), engine, store, paths).run_test(size=(130, 30)) as pilot:
@@ -369,7 +335,7 @@ async def test_a_closed_conversation_reopens_from_the_palette_noting_a_reply_tha
     conversation = store.new_conversation("old notes")
     conversation.messages.append(Message("user", "a question chatkv never answered"))
     store.save(conversation)
-    app = build_app(Settings(), ScriptedEngine(["ok"]), store, paths)
+    app = build_app(Settings(), StandInEngine(["ok"]), store, paths)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+p")
         await pilot.press(*"Reopen: old")
@@ -392,7 +358,7 @@ def test_the_reply_footer_gives_the_figures_where_the_cache_came_from_and_what_w
 
 
 async def test_the_chat_follows_a_reply_only_while_the_user_is_at_the_bottom(store, paths):
-    engine = ScriptedEngine([f"line {n}\n\n" for n in range(60)])
+    engine = StandInEngine([f"line {n}\n\n" for n in range(60)])
     app = build_app(Settings(), engine, store, paths)
     async with app.run_test(size=SIZE) as pilot:
         tab = app.chat_tabs.current
