@@ -12,6 +12,8 @@ from chatkv.conversation import Message
 from chatkv.engine import Engine, EngineError, QueueFullError, Sampling
 from chatkv.engine.reference import greedy_full_recompute
 
+from chat_turns import chat
+
 
 def settings_with(**changes) -> Settings:
     settings = Settings()
@@ -19,14 +21,6 @@ def settings_with(**changes) -> Settings:
         section, name = dotted.split("__")
         setattr(getattr(settings, section), name, value)
     return settings
-
-
-def chat(engine: Engine, session_id: str, history: list[Message], text: str, max_new_tokens: int = 8):
-    history.append(Message("user", text))
-    result = engine.submit(session_id, list(history), Sampling(max_new_tokens=max_new_tokens)).wait(120)
-    assert result.error is None, result.error
-    history.append(Message("assistant", result.reply, token_ids=result.reply_ids))
-    return result
 
 
 @pytest.mark.real_model

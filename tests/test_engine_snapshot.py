@@ -8,16 +8,10 @@ import pytest
 
 from chatkv.config import Settings
 from chatkv.conversation import Message
-from chatkv.engine import Engine, Sampling
+from chatkv.engine import Engine
 from chatkv.engine.reference import greedy_full_recompute
 
-
-def chat(engine: Engine, session_id: str, history: list[Message], text: str, max_new_tokens: int = 8):
-    history.append(Message("user", text))
-    result = engine.submit(session_id, list(history), Sampling(max_new_tokens=max_new_tokens)).wait(120)
-    assert result.error is None, result.error
-    history.append(Message("assistant", result.reply, token_ids=result.reply_ids))
-    return result
+from chat_turns import chat
 
 
 @pytest.mark.real_model

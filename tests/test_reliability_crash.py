@@ -196,7 +196,6 @@ def test_relaunch_after_kill_9_resumes_the_conversation_and_its_kv_from_disk_exa
 @pytest.mark.real_model
 def test_kill_9_inside_the_save_of_a_reply_keeps_the_previous_copy_and_never_loads_the_temp_file(crash_story):
     conversations, set_aside = crash_story["after_save_kill"]
-    paths = crash_story["paths"]
 
     assert set_aside == []
     messages = conversations["a"].messages
