@@ -213,10 +213,7 @@ def run_headless(context) -> int:
         with script, open_runtime(settings, paths, progress=say, engine_log=say) as runtime:
             app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
             app.run(headless=True, auto_pilot=runner)
-    except DataDirLocked as exc:
-        say(str(exc))
-        return 1
-    except ModelError as exc:
+    except (DataDirLocked, ModelError) as exc:  # both carry a message for the user
         say(str(exc))
         return 1
     return 1 if events.errors else 0

@@ -8,7 +8,7 @@ token by token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -51,3 +51,16 @@ class ExactnessCheck:
 
 def skipped_check(reason: str) -> dict[str, Any]:
     return {"passed": None, "skipped": True, "summary": f"skipped ({reason})"}
+
+
+def record_check(result: Any, run_check: Callable[[], ExactnessCheck] | None) -> bool:
+    """Run the fp32 exactness check (None: skipped with --no-check) into ``result``; False if it failed,
+    in which case the scenario is marked check_failed and must not report timings."""
+    if run_check is None:
+        result.check = skipped_check("--no-check")
+        return True
+    check = run_check()
+    result.check = check.to_json()
+    if not check.passed:
+        result.status, result.reason = "check_failed", check.summary()
+    return check.passed

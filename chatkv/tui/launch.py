@@ -45,10 +45,7 @@ def run_tui(context) -> int:
             notes.app = app
             code = app.run()
             notes.app = None
-    except DataDirLocked as exc:
-        say(str(exc))
-        return 1
-    except ModelError as exc:
+    except (DataDirLocked, ModelError) as exc:  # both carry a message for the user
         say(str(exc))
         return 1
     return code or 0

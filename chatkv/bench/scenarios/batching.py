@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from chatkv.bench.baselines import generate_with_cache, render_prompt
-from chatkv.bench.check import ExactnessCheck, skipped_check
+from chatkv.bench.check import ExactnessCheck, record_check
 from chatkv.bench.context import BenchContext
 from chatkv.bench.engine_turns import run_together, run_turn, running_engine
 from chatkv.bench.result import ScenarioResult, Table, fmt, times
@@ -52,14 +52,8 @@ def run(ctx: BenchContext) -> ScenarioResult:
         "prompts": PROMPTS[:max_batch],
         "aggregate": "all new tokens / wall time from the first submit to the last token",
     })
-    if ctx.check:
-        check = _check_exactness(ctx, headline, new_tokens, max_batch)
-        result.check = check.to_json()
-        if not check.passed:
-            result.status, result.reason = "check_failed", check.summary()
-            return result
-    else:
-        result.check = skipped_check("--no-check")
+    if not record_check(result, (lambda: _check_exactness(ctx, headline, new_tokens, max_batch)) if ctx.check else None):
+        return result
 
     result.figures.update(_sequential(ctx, headline, new_tokens, max_batch))
     sequential = result.figures["generate_sequential"]

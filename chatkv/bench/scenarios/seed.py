@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from chatkv.bench.baselines import Generation, generate_with_cache, generate_without_cache, render_prompt
-from chatkv.bench.check import ExactnessCheck, skipped_check
+from chatkv.bench.check import ExactnessCheck, record_check
 from chatkv.bench.context import BenchContext
 from chatkv.bench.engine_turns import run_turn, running_engine
 from chatkv.bench.result import ScenarioResult, Table, fmt, times
@@ -43,14 +43,8 @@ def run(ctx: BenchContext) -> ScenarioResult:
         "decoding": "greedy, stops at the end-of-turn token or max_new_tokens", "order": "repeat by repeat, prompt by prompt",
         "chatkv_sessions": "one per unique prompt; a repeat reuses that session's prompt KV",
     })
-    if ctx.check:
-        check = _check_exactness(ctx, new_tokens)
-        result.check = check.to_json()
-        if not check.passed:
-            result.status, result.reason = "check_failed", check.summary()
-            return result
-    else:
-        result.check = skipped_check("--no-check")
+    if not record_check(result, (lambda: _check_exactness(ctx, new_tokens)) if ctx.check else None):
+        return result
 
     bundle = ctx.bundle
     order = [(repeat, index) for repeat in range(repeats) for index in range(len(PROMPTS))]
