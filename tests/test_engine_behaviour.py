@@ -320,3 +320,20 @@ def test_a_lone_conversation_never_waits_for_company_but_new_sessions_do(tiny_bu
         engine.close()
     assert first.ttft_ms >= 300
     assert second.ttft_ms < 300
+
+
+@pytest.mark.real_model
+def test_the_throughput_history_grows_while_a_long_reply_is_being_written(real_bundle):
+    engine = Engine(real_bundle, Settings()).start()
+    try:
+        handle = engine.submit("long", [Message("user", "Write a long story about a lighthouse keeper.")],
+                               Sampling(max_new_tokens=4000, max_time_ms=3000))
+        while len(handle.tokens) < 3:
+            handle._done.wait(0.01)
+        before = len(engine.stats().decode_tok_s_history)
+        result = handle.wait(60)
+        during = len(engine.stats().decode_tok_s_history)
+    finally:
+        engine.close()
+    assert result.finish_reason == "time"  # the engine was busy for the whole 3 s
+    assert during >= before + 4  # sampled every 0.5 s while busy, not only when idle

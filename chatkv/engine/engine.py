@@ -281,6 +281,7 @@ class Engine:
     def _step(self) -> None:
         """One round: run queued calls, apply cancellations, admit waiting turns, one forward pass."""
         with self._wakeup:
+            self.metrics.sample_history()  # the sparkline moves while replies stream, not only between them
             self._run_calls()
             self._apply_cancellations()
             delay = self.scheduler.batch_wait_remaining(time.perf_counter())
