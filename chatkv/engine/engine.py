@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from chatkv.config import Settings
 from chatkv.conversation import Message
@@ -37,6 +37,7 @@ from chatkv.engine.prompt import ChatRenderer
 from chatkv.engine.runner import ModelRunner
 from chatkv.engine.sampler import make_generator, next_token
 from chatkv.engine.scheduler import PlannedSegment, Scheduler
+from chatkv.engine.snapshot import SnapshotStore, matches_prompt
 from chatkv.engine.turn import Turn, TurnState
 from chatkv.model.loader import ModelBundle
 from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
@@ -54,7 +55,7 @@ def eos_token_ids(bundle: ModelBundle) -> set[int]:
     return ids
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
     limit = min(len(a), len(b))
     for index in range(limit):
         if a[index] != b[index]:
@@ -99,8 +100,6 @@ class Engine:
     def _open_snapshots(self, snapshot_dir: Path | None):
         if snapshot_dir is None or not self.settings.snapshot.enabled:
             return None
-        from chatkv.engine.snapshot import SnapshotStore
-
         return SnapshotStore(snapshot_dir, self.bundle.fingerprint, self.settings.snapshot.max_disk_bytes, log=self._log)
 
     @property
@@ -360,7 +359,7 @@ class Engine:
         )
         if snapshot is None:
             return None, "none"
-        if turn.prompt_ids[: len(snapshot.token_ids)] != snapshot.token_ids:
+        if not matches_prompt(snapshot, turn.prompt_ids):
             self._log(f"snapshot for session {turn.session_id} ignored: its tokens do not match the conversation; recomputing")
             return None, "none"
         try:
@@ -443,7 +442,7 @@ class Engine:
             return
         text = self.tokenizer.decode(turn.reply_ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
-            delta = text[len(turn.reply_text):] if text.startswith(turn.reply_text) else text[common_prefix_length(list(text), list(turn.reply_text)):]
+            delta = text[common_prefix_length(text, turn.reply_text):]  # usually all of text past the old reply
             turn.reply_text = text
             turn.handle._push(TokenEvent(turn.session_id, delta, token))
         if turn.cancel_requested:
