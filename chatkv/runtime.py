@@ -1,7 +1,8 @@
 """What ``chatkv launch`` needs running, for the terminal UI and headless mode alike.
 
-In order: lock the data folder (one chatkv per folder), load the model (the first launch fetches and
-converts it), start the engine. On the way out the engine is closed and the lock released, however
+In order: lock the data folder (one chatkv per folder), find the model (the first launch fetches and
+converts it), then import torch, load the model and start the engine: every check that needs no model
+comes before the seconds torch takes. On the way out the engine is closed and the lock released, however
 the app ended.
 """
 
@@ -13,7 +14,9 @@ from typing import Callable, Iterator
 
 from chatkv.config import Settings
 from chatkv.lock import DataDirLock
-from chatkv.paths import Paths, ensure_private_dir
+from chatkv.model.errors import ModelError
+from chatkv.model.source import ModelSourceError, resolve
+from chatkv.paths import Paths, ensure_private_dir, make_private_tree
 from chatkv.store import ConversationStore
 
 Log = Callable[[str], None]
@@ -32,6 +35,16 @@ def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Lo
     """Raises ``DataDirLocked`` or ``ModelError`` (both with a message for the user) before anything runs."""
     lock = DataDirLock(paths.data).acquire()
     try:
+        model = settings.model
+        ensure_private_dir(paths.cache)
+        models_dir = ensure_private_dir(paths.models)
+        try:
+            # torch-free unless this launch fetches or converts the model, which says so itself
+            resolve(model.model, models_dir, progress)
+        except ModelSourceError as exc:
+            raise ModelError(str(exc)) from None
+        make_private_tree(models_dir)  # what transformers and pip wrote there has the umask's modes
+        progress(f"loading {model.model}…")
         import torch
 
         from chatkv.engine import Engine
@@ -39,10 +52,8 @@ def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Lo
 
         if settings.model.threads > 0:
             torch.set_num_threads(settings.model.threads)
-        model = settings.model
-        progress(f"loading {model.model} (the first launch downloads and converts it: about half a minute)…")
-        ensure_private_dir(paths.cache)
-        bundle = load_model(model.model, ensure_private_dir(paths.models), model.dtype, model.device, progress=progress)
+        bundle = load_model(model.model, models_dir, model.dtype, model.device, progress=progress)
+        settings.generation.fill_sampling_defaults(bundle.sampling_defaults)
         progress(f"{bundle.model_id} ready ({bundle.fingerprint.dtype}, {bundle.device}, loaded in {bundle.load_seconds:.1f} s)")
         engine = Engine(bundle, settings, snapshot_dir=paths.snapshots, log=engine_log).start()
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from chatkv.lock import DataDirLocked
-from chatkv.model.loader import ModelError
+from chatkv.model.errors import ModelError
 from chatkv.runtime import open_runtime
 from chatkv.tui.app import AppOptions, ChatApp, make_app
 
