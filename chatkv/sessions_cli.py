@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import orjson
 
 from chatkv.atomic import write_bytes_atomic
-from chatkv.conversation import Conversation
+from chatkv.conversation import Conversation, Message
 from chatkv.lock import DataDirLock, DataDirLocked
 from chatkv.store import ConversationStore, StoreError, describe_os_error
 
@@ -152,7 +152,7 @@ def render_text(conversation: Conversation) -> str:
     if conversation.system:
         lines += ["--- System prompt ---", conversation.system, ""]
     for message in conversation.messages:
-        lines += [f"--- {ROLE_TITLES.get(message.role, message.role)} ---", message.content, ""]
+        lines += [f"--- {ROLE_TITLES.get(message.role, message.role)}{_stopped_note(message)} ---", message.content, ""]
     return "\n".join(lines)
 
 
@@ -161,8 +161,39 @@ def render_markdown(conversation: Conversation) -> str:
     if conversation.system:
         parts += ["## System prompt", "", conversation.system, ""]
     for message in conversation.messages:
-        parts += [f"## {ROLE_TITLES.get(message.role, message.role)}", "", message.content, ""]
+        parts += [f"## {ROLE_TITLES.get(message.role, message.role)}{_stopped_note(message)}", "",
+                  keep_line_breaks(message.content), ""]
     return "\n".join(parts)
+
+
+STOPPED_NOTES = {"cancelled": "stopped by the user", "length": "stopped at the token limit", "time": "stopped at the time limit"}
+
+
+def _stopped_note(message: Message) -> str:
+    """' (stopped by the user)' for a reply that did not end by itself, as the chat's reply footer says."""
+    note = STOPPED_NOTES.get((message.stats or {}).get("finish_reason", ""))
+    return f" ({note})" if message.role == "assistant" and note else ""
+
+
+def keep_line_breaks(text: str) -> str:
+    """Markdown that shows each single line break as written: two trailing spaces (a hard break) end each line
+    that another line follows in the same paragraph. Invisible where Markdown is read as plain text, and
+    harmless at the end of a block; lines in code blocks are left as they are.
+    """
+    lines = text.split("\n")
+    out = []
+    fence: str | None = None
+    for index, line in enumerate(lines):
+        marker = line.lstrip()[:3]
+        if marker in ("```", "~~~"):
+            fence = None if fence == marker else (fence or marker)
+            out.append(line)
+            continue
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        in_code = fence is not None or line.startswith(("    ", "\t"))
+        joined_to_next = bool(line.strip()) and bool(following.strip())
+        out.append(line + "  " if joined_to_next and not in_code and not line.endswith("  ") else line)
+    return "\n".join(out)
 
 
 def _turns(conversation: Conversation) -> str:
