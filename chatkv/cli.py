@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--new", action="store_true", help="open a fresh tab beside the saved ones")
     headless = launch.add_argument_group("headless mode")
     headless.add_argument("--headless", action="store_true", help="no terminal UI: drive the app from --script")
-    headless.add_argument("--script", metavar="FILE", help="JSON Lines script file, or - for stdin (needs --headless)")
+    headless.add_argument("--script", metavar="FILE", help="JSON Lines script file, or - for stdin (needs --headless, which needs it: no default)")
     headless.add_argument("--stream", action="store_true", help="also emit token events (needs --headless)")
     headless.add_argument("--trace", action="store_true", help="add prompt_ids and reply_ids to turn events (needs --headless)")
     headless.add_argument("--ephemeral", action="store_true", help="do not save the tabs opened by the script (needs --headless)")
@@ -156,7 +156,9 @@ def check_flag_combinations(parser: argparse.ArgumentParser, args: argparse.Name
     if args.command == "launch" and not args.headless:
         given = [f"--{name}" for name in HEADLESS_ONLY if getattr(args, name)]
         if given:
-            parser.error(f"{', '.join(given)} only apply with --headless (chatkv launch --headless --script FILE)")
+            verb = "applies" if len(given) == 1 else "apply"
+            parser.exit(2, f"chatkv launch: error: {', '.join(given)} only {verb} with --headless "
+                           "(chatkv launch --headless --script FILE)\n")
 
 
 def apply_flags(settings: Settings, args: argparse.Namespace) -> None:
