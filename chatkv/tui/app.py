@@ -56,6 +56,7 @@ class AppOptions:
     persist: bool = True  # False (--ephemeral): conversations opened here are never written
     remember_layout: bool = True  # save open tabs, active tab and theme for the next launch
     theme: str | None = None  # --theme: wins over the remembered choice
+    on_shown: Callable[[], object] | None = None  # called once the app is up (the terminal UI starts loading the model)
 
 
 class ChatApp(App[int]):
@@ -82,6 +83,7 @@ class ChatApp(App[int]):
             self.register_theme(theme)
         self._stats_ticks = 0
         self._stats_toggled_by_user = False
+        self._default_sampling: Sampling | None = None  # worked out on first use, again once the model is loaded
         self._event_loop: asyncio.AbstractEventLoop | None = None
         # told of every problem the user is shown (headless mode turns them into error events): (session id or None, message)
         self.problem_listeners: list[Callable[[str | None, str], None]] = []
@@ -109,6 +111,25 @@ class ChatApp(App[int]):
             self.notify(note, severity="warning", timeout=10)
         self.set_interval(STATS_REFRESH_SECONDS, self.refresh_stats)
         self.refresh_stats(force=True)
+        if self.options.on_shown is not None:
+            self.options.on_shown()
+
+    def show_model_progress(self, message: str) -> None:
+        """While the model loads behind the app (terminal UI): its progress, in the title bar."""
+        self.sub_title = message
+
+    def model_loaded(self, error: str | None) -> None:
+        """The model finished loading (``error`` None) or failed; tabs still on the old defaults take the model's."""
+        if error is not None:
+            self.sub_title = "the model did not load: chats can be read, not continued"
+            self.report_problem(error)
+            return
+        before, self._default_sampling = self._default_sampling, None
+        after = self.default_sampling()
+        for tab in self.chat_tabs.chat_tabs:
+            if tab.sampling == before:
+                tab.sampling = after
+        self.refresh_stats(force=True)
 
     def _apply_theme(self, name: str) -> None:
         if name in self.available_themes:
@@ -133,11 +154,15 @@ class ChatApp(App[int]):
 
     # tabs ----------------------------------------------------------------------------------------
     def default_sampling(self) -> Sampling:
+        """New tabs' generation settings: config.toml's, else the model's own, else the fallback (``config.py``)."""
+        if self._default_sampling is not None:
+            return self._default_sampling
         generation = self.settings.generation
-        return Sampling(max_new_tokens=generation.max_new_tokens, temperature=generation.sampling_value("temperature"),
+        self._default_sampling = Sampling(max_new_tokens=generation.max_new_tokens, temperature=generation.sampling_value("temperature"),
                         top_p=generation.sampling_value("top_p"),
                         repetition_penalty=generation.sampling_value("repetition_penalty"),
                         max_time_ms=generation.max_time_ms)
+        return self._default_sampling
 
     def report_problem(self, message: str, session_id: str | None = None, severity: str = "error") -> None:
         """Show a problem the user should know about, and tell whoever listens (headless mode)."""

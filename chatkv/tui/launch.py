@@ -1,16 +1,19 @@
-"""``chatkv launch``: lock the data folder, load the model with visible progress, run the app, clean up.
+"""``chatkv launch``: lock the data folder, find the model, show the app at once while the model loads, clean up.
 
-Problems the user can fix (another chatkv on the same folder, a model that cannot be loaded) end
-with one line saying what to do, never a traceback.
+Problems the user can fix (another chatkv on the same folder, a model that cannot be found) end with
+one line saying what to do, never a traceback, and before torch is imported. The model itself loads on
+a thread behind a ``LoadingEngine``: the title bar shows its progress, saved chats can be read at once,
+and a message sent before it is ready is handed back with a note.
 """
 
 from __future__ import annotations
 
 import sys
 
-from chatkv.lock import DataDirLocked
+from chatkv.lock import DataDirLock, DataDirLocked
 from chatkv.model.errors import ModelError
-from chatkv.runtime import open_runtime
+from chatkv.runtime import LoadingEngine, find_model, start_engine
+from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, ChatApp, make_app
 
 
@@ -19,7 +22,7 @@ def say(message: str) -> None:
 
 
 class EngineNotes:
-    """Sends the engine's notes to the app once it runs, to the terminal before and after."""
+    """Sends the engine's notes (and the model's progress) to the app once it runs, to the terminal before and after."""
 
     def __init__(self) -> None:
         self.app: ChatApp | None = None
@@ -31,6 +34,16 @@ class EngineNotes:
         else:
             say(message)
 
+    def progress(self, message: str) -> None:
+        app = self.app
+        try:
+            if app is not None and app.is_running:
+                app.call_from_thread(app.show_model_progress, message)
+                return
+        except RuntimeError:  # the app closed in between
+            pass
+        say(message)
+
 
 def run_tui(context) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -39,13 +52,41 @@ def run_tui(context) -> int:
     args, settings, paths = context.args, context.settings, context.paths
     notes = EngineNotes()
     try:
-        with open_runtime(settings, paths, progress=say, engine_log=notes) as runtime:
-            options = AppOptions(new_tab=args.new, theme=args.theme)
-            app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
-            notes.app = app
-            code = app.run()
-            notes.app = None
-    except (DataDirLocked, ModelError) as exc:  # both carry a message for the user
+        lock = DataDirLock(paths.data).acquire()
+    except DataDirLocked as exc:
         say(str(exc))
         return 1
+    try:
+        try:
+            models_dir = find_model(settings, paths, say)
+        except ModelError as exc:
+            say(str(exc))
+            return 1
+        app: ChatApp | None = None
+
+        def load():
+            return start_engine(settings, paths, models_dir, notes.progress, notes)
+
+        def done(error: str | None) -> None:
+            try:
+                if app is not None and app.is_running:
+                    app.call_from_thread(app.model_loaded, error)
+                    return
+            except RuntimeError:  # the app closed in between
+                pass
+            if error:
+                say(error)
+
+        engine = LoadingEngine(load, done)
+        # the load starts once the app shows, so its progress reaches the title bar
+        options = AppOptions(new_tab=args.new, theme=args.theme, on_shown=engine.start)
+        app = make_app(settings, engine, ConversationStore(paths), paths.user_themes, options)
+        notes.app = app
+        try:
+            code = app.run()
+        finally:
+            notes.app = None
+            engine.close()
+    finally:
+        lock.release()
     return code or 0
