@@ -303,6 +303,20 @@ class ChatApp(App[int]):
         else:
             self._event_loop.call_soon_threadsafe(self.notify, message, severity="warning", timeout=8)
 
+    async def server_models(self) -> list[str]:
+        """A remote server's models for the palette (asked again if the server was not reachable before); [] locally."""
+        models = getattr(self.engine, "models", None)
+        if models is None:
+            return []
+        return models() or await asyncio.to_thread(self.engine.refresh_models)
+
+    def use_model(self, model: str) -> None:
+        tab = self.chat_tabs.current
+        if tab is not None:
+            self.engine.set_model(tab.session_id, model)
+            self.notify(f"This tab's next replies come from {model}.", timeout=4)
+            self.refresh_stats(force=True)
+
     def persisted_session_ids(self) -> list[str]:
         return [tab.session_id for tab in self.chat_tabs.chat_tabs if tab.persisted]
 
