@@ -71,7 +71,6 @@ class _Turn:
     reply: str = ""
     chunks: int = 0  # streamed pieces of content (the token count when the server reports no usage)
     first_token_at: float = 0.0
-    last_token_at: float = 0.0
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
@@ -444,7 +443,6 @@ class RemoteBackend:
             now = time.perf_counter()
             if not turn.first_token_at:
                 turn.first_token_at = now
-            turn.last_token_at = now
             turn.reply += text
             turn.chunks += 1
             with self._lock:
@@ -459,7 +457,9 @@ class RemoteBackend:
         if new_tokens is None:
             new_tokens = turn.chunks
         ttft_ms = (turn.first_token_at - turn.submitted_at) * 1000 if turn.first_token_at else 0.0
-        span = turn.last_token_at - turn.first_token_at
+        # from the first token to the end of the stream: chunks can arrive bunched in one read, so the gap
+        # between the first and the last one alone could be near zero
+        span = time.perf_counter() - turn.first_token_at if turn.first_token_at else 0.0
         decode_tok_s = (new_tokens - 1) / span if new_tokens > 1 and span > 0 else 0.0
         if turn.timings is not None and _int_or_none(turn.timings.get("prompt_n")) is not None:
             prefilled = turn.timings["prompt_n"]
