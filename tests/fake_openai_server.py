@@ -13,6 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODEL = "fake-model"
+OTHER_MODEL = "fake-model-large"
 PARTIAL = ["Half ", "a ", "reply"]
 
 
@@ -34,7 +35,8 @@ class FakeServer:
 
             def do_GET(self) -> None:
                 if self.path == "/v1/models":
-                    self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]})
+                    self._json(200, {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "fake"}
+                                                              for name in (MODEL, OTHER_MODEL)]})
                 else:
                     self._json(404, {"error": {"message": "not found"}})
 
