@@ -35,7 +35,7 @@ def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Lo
     lock = DataDirLock(paths.data).acquire()
     try:
         if settings.backend.url:
-            with _remote_backend(settings, progress, engine_log) as (backend, notes):
+            with _remote_backend(settings, progress) as (backend, notes):
                 yield Runtime(settings, paths, ConversationStore(paths), backend, notes)
             return
         import torch
@@ -60,12 +60,12 @@ def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Lo
 
 
 @contextmanager
-def _remote_backend(settings: Settings, progress: Log, engine_log: Log):
+def _remote_backend(settings: Settings, progress: Log):
     """The server instead of the local engine. Raises ``BackendUnavailable`` for a URL that cannot be used."""
     from chatkv.remote.backend import RemoteBackend, api_key_from_env
 
     options = settings.backend
-    backend = RemoteBackend(options, api_key_from_env(options.api_key_env), log=engine_log).start()
+    backend = RemoteBackend(options, api_key_from_env(options.api_key_env)).start()
     try:
         progress(f"asking {options.url} for its models…")
         notes = backend.probe()

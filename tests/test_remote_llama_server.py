@@ -9,6 +9,7 @@ Headless mode and the server-wide /metrics are checked on the same server.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -153,3 +154,20 @@ def test_headless_with_backend_reports_the_servers_cached_tokens_and_metrics(lla
     assert stats["server"]["cached_prompt_tokens"] >= turns[1]["reused_tokens"]
     assert 0 < stats["server"]["cache_hit_rate"] < 1
     assert stats["server"]["kv_usage"] is None  # this llama.cpp does not export it: said, not invented
+
+
+def test_bench_against_the_server_runs_multiturn_and_batching(llama_url, tmp_path):
+    out = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [str(CHATKV), "bench", "--backend", llama_url, "multiturn", "batching", "--quick", "--json", str(out),
+         "--data-dir", str(tmp_path / "home")],
+        capture_output=True, timeout=600, env={**os.environ, "CHATKV_BENCH_TINY": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr.decode()
+    document = json.loads(out.read_text())
+    assert document["machine"]["server"] == "llama.cpp"
+    multiturn = document["scenarios"]["multiturn"]["figures"]["server"]
+    assert multiturn["hit_rate_from_turn_2"] > 0.5  # the conversation's history came from the server's cache
+    rows = document["scenarios"]["batching"]["figures"]["server_together"]["by_sessions"]
+    assert [row["sessions"] for row in rows] == [1, 2, 4] and all(row["tok_s"] > 0 for row in rows)
+    assert "multiturn against the server" in completed.stdout.decode()

@@ -29,7 +29,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from concurrent.futures import Future
+from typing import Any
 
 import httpx
 
@@ -99,7 +100,8 @@ def api_root(url: str) -> str:
 class RemoteBackend:
     """Serves chat turns from an OpenAI-compatible server; the ``Engine`` surface the App and headless mode use."""
 
-    def __init__(self, options: BackendOptions, api_key: str | None = None, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, options: BackendOptions, api_key: str | None = None) -> None:
+        """Raises ``BackendUnavailable`` for a URL that is not http(s); nothing touches the network until ``start``."""
         url = options.url.rstrip("/")
         if not url.startswith(("http://", "https://")):
             raise BackendUnavailable(f"--backend must be an http:// or https:// URL such as http://127.0.0.1:8000/v1, got {options.url!r}")
@@ -107,12 +109,11 @@ class RemoteBackend:
         self.url = url
         self.root = api_root(url)
         self._api_key = api_key
-        self._log = log or (lambda message: None)
         self.info = ServerInfo()
         self.default_model = options.model
         self._models: dict[str, str] = {}  # session -> model chosen for it in the palette
         self._slots: dict[str, int] = {}  # session -> llama.cpp slot, most recently used last
-        self._running: dict[str, tuple[_Turn, "asyncio.Future[None]"]] = {}
+        self._running: dict[str, tuple[_Turn, Future[None]]] = {}  # session -> its turn and the task serving it
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -139,7 +140,7 @@ class RemoteBackend:
         return None  # no local model
 
     def start(self) -> "RemoteBackend":
-        """Start the network thread and ask the server what it serves; problems come back from ``probe_notes``."""
+        """Start the network thread and its HTTP client; ``probe`` then asks the server what it serves."""
         if self._thread is not None:
             return self
         self._loop = asyncio.new_event_loop()
@@ -184,6 +185,7 @@ class RemoteBackend:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
             self._thread = None
+            self._loop.close()
 
     def __enter__(self) -> "RemoteBackend":
         return self.start()
