@@ -283,6 +283,9 @@ class ChatApp(App[int]):
         self.refresh_stats(force=True)
 
     async def action_save_snapshots(self) -> None:
+        if getattr(self.engine, "models", None) is not None:  # a remote server (--backend) holds the KV
+            self.notify("The server holds the KV cache; chatkv has none to save. Conversations are saved as you go.")
+            return
         written = await asyncio.to_thread(self.engine.snapshot, self.persisted_session_ids())
         self.notify(f"Saved the KV cache of {written} session(s) to disk.")
 
