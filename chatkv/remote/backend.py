@@ -525,8 +525,8 @@ class RemoteBackend:
             self._scraping = False
 
     def scrape_now(self) -> ServerReport:
-        """Scrape /metrics and wait for it (headless stats and tests)."""
-        if self._loop is None:
+        """Scrape /metrics and wait for it (headless stats and tests); nothing with ``[backend] metrics = false``."""
+        if self._loop is None or not self.options.metrics:
             return ServerReport(kind=self.info.kind)
         with self._lock:
             self._scraping = True
