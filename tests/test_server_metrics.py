@@ -88,3 +88,27 @@ async def test_the_panel_shows_the_servers_figures_hides_local_kv_and_says_not_r
         assert not panel.memory.display and not panel.batching.display and panel.server.display
         panel.show_stats(EngineStats(), None)  # back to the local engine: the local sections return
         assert panel.memory.display and not panel.server.display
+
+
+class FixedPanelApp(App):
+    """The panel on its own, as a llama.cpp server's figures show in it (fixed, for the snapshot)."""
+
+    def compose(self) -> ComposeResult:
+        yield StatsPanel()
+
+    def on_mount(self) -> None:
+        self.theme = "textual-dark"
+        stats = EngineStats(
+            prompt_tokens=1286, reused_tokens=1237, hit_rate=1237 / 1286, hit_rate_window=0.934, turns=12, turn_hits=11,
+            active_turns=1, decode_tok_s=18.6, decode_tok_s_history=[12.0, 18.1, 18.6, 17.9, 18.6],
+            last_ttft_ms=412.0, generated_tokens=768,
+            server=ServerReport(kind="llama.cpp", cache_hit_rate=0.701, prompt_tokens=1937.0, cached_prompt_tokens=1357.0,
+                                requests_running=1.0, requests_waiting=0.0),
+        )
+        session = SessionStats("tab", 0, 0, False, model="SmolLM2-135M-Instruct.Q4_1.gguf", slot=0,
+                               server_prompt_tokens=1286, server_cached_tokens=1237)
+        self.query_one(StatsPanel).show_stats(stats, session)
+
+
+def test_the_panel_against_a_server_snapshot(snap_compare) -> None:
+    assert snap_compare(FixedPanelApp(), terminal_size=(42, 30))
