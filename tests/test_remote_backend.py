@@ -80,3 +80,12 @@ async def test_the_palette_lists_the_servers_models_and_switches_the_current_tab
                 tab.send("hello")
                 await tab.wait_for_turn()
         assert [request["body"]["model"] for request in server.requests] == [OTHER_MODEL, MODEL]
+
+
+def test_bench_with_a_backend_refuses_local_only_scenarios_and_an_unreachable_server(capsys, data_dir):
+    from chatkv.cli import main
+
+    assert main(["bench", "--backend", "http://127.0.0.1:1/v1", "seed"]) == 2
+    assert "with --backend the scenarios are multiturn, batching" in capsys.readouterr().err
+    assert main(["bench", "--backend", "http://127.0.0.1:1/v1", "multiturn"]) == 1
+    assert "Cannot reach the server at http://127.0.0.1:1/v1" in capsys.readouterr().err
