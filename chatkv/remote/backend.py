@@ -446,7 +446,10 @@ class RemoteBackend:
             turn.reply += text
             turn.chunks += 1
             with self._lock:
-                self._token_times.append(time.monotonic())
+                stamp = time.monotonic()
+                self._token_times.append(stamp)
+                while stamp - self._token_times[0] > RATE_WINDOW_S:  # bounded even if nobody asks for stats
+                    self._token_times.popleft()
             turn.handle._push(TokenEvent(turn.session_id, text, -1))
 
     def _finish(self, turn: _Turn, reason: FinishReason, error: str | None) -> None:
