@@ -62,7 +62,7 @@ def _env() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if name != "OPENAI_API_KEY"}
 
 
-async def test_the_palette_lists_the_servers_models_and_switches_the_current_tab(data_dir):
+async def test_the_palette_lists_the_servers_models_and_switches_the_current_tab_for_good(data_dir):
     paths = Paths.resolve(data_dir)
     with FakeServer() as server, RemoteBackend(BackendOptions(url=server.url, metrics=False)).start() as backend:
         assert backend.probe() == [] and backend.default_model == MODEL
@@ -80,6 +80,19 @@ async def test_the_palette_lists_the_servers_models_and_switches_the_current_tab
                 tab.send("hello")
                 await tab.wait_for_turn()
         assert [request["body"]["model"] for request in server.requests] == [OTHER_MODEL, MODEL]
+        first_id = first.session_id
+
+    # the choice is remembered with the conversation: after a relaunch (a new backend) the tab still asks for it
+    with FakeServer() as server, RemoteBackend(BackendOptions(url=server.url, metrics=False)).start() as backend:
+        backend.probe()
+        again = make_app(Settings(), backend, ConversationStore(paths), paths.user_themes, AppOptions())
+        async with again.run_test(size=(130, 40)):
+            for tab in again.chat_tabs.chat_tabs:
+                tab.send("again")
+                await tab.wait_for_turn()
+            models = {tab.session_id: tab.conversation.model for tab in again.chat_tabs.chat_tabs}
+        assert models[first_id] == OTHER_MODEL
+        assert sorted(request["body"]["model"] for request in server.requests) == sorted([OTHER_MODEL, MODEL])
 
 
 def test_bench_with_a_backend_refuses_local_only_scenarios_and_an_unreachable_server(capsys, data_dir):

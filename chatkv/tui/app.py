@@ -154,6 +154,8 @@ class ChatApp(App[int]):
         persist = self.options.persist if persist is None else persist
         save = self.save_conversation if persist else (lambda _conversation: None)
         tab = ChatTab(conversation, self.engine, save, self.default_sampling(), persisted=persist)
+        if conversation.model and hasattr(self.engine, "set_model"):  # the server's model chosen for it last time
+            self.engine.set_model(conversation.id, conversation.model)
         await self.chat_tabs.add(tab, activate=activate)
         self.save_layout()
         return tab
@@ -314,8 +316,11 @@ class ChatApp(App[int]):
         return models() or await asyncio.to_thread(self.engine.refresh_models)
 
     def use_model(self, model: str) -> None:
+        """A remote server: answer the current tab with ``model`` from now on (remembered with the conversation)."""
         tab = self.chat_tabs.current
         if tab is not None:
+            tab.conversation.model = model
+            tab.save()
             self.engine.set_model(tab.session_id, model)
             self.notify(f"This tab's next replies come from {model}.", timeout=4)
             self.refresh_stats(force=True)
