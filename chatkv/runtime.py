@@ -3,8 +3,9 @@
 In order: lock the data folder (one chatkv per folder), find the model (the first launch fetches and
 converts it), then import torch, load the model and start the engine: every check that needs no model
 comes before the seconds torch takes. The terminal UI does the last step on a thread behind a
-``LoadingEngine``, so saved chats can be read while the model loads. On the way out the engine is closed and the lock released, however
-the app ended.
+``LoadingEngine``, so saved chats can be read while the model loads. On the way out the engine is
+closed and the lock released, however the app ended. With ``[backend] url`` (``--backend``) a
+``RemoteBackend`` talking to that server takes the engine's place, and no model is loaded here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,7 +33,8 @@ class Runtime:
     settings: Settings
     paths: Paths
     store: ConversationStore
-    engine: object  # chatkv.engine.Engine, imported lazily with torch
+    engine: object  # chatkv.engine.Engine (imported lazily with torch) or chatkv.remote.backend.RemoteBackend
+    notes: list[str] = field(default_factory=list)  # for the user once the app runs (a server not reachable, say)
 
 
 def find_model(settings: Settings, paths: Paths, progress: Log) -> Path:
@@ -72,6 +74,10 @@ def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Lo
     """Raises ``DataDirLocked`` or ``ModelError`` (both with a message for the user) before anything runs."""
     lock = DataDirLock(paths.data).acquire()
     try:
+        if settings.backend.url:
+            with _remote_backend(settings, progress) as (backend, notes):
+                yield Runtime(settings, paths, ConversationStore(paths), backend, notes)
+            return
         models_dir = find_model(settings, paths, progress)
         engine = start_engine(settings, paths, models_dir, progress, engine_log)
         try:
@@ -147,3 +153,20 @@ class LoadingEngine:
             self._thread.join()
         if self.engine is not None:
             self.engine.close()
+
+
+@contextmanager
+def _remote_backend(settings: Settings, progress: Log):
+    """The server instead of the local engine. Raises ``BackendUnavailable`` for a URL that cannot be used."""
+    from chatkv.remote.backend import RemoteBackend, api_key_from_env
+
+    options = settings.backend
+    backend = RemoteBackend(options, api_key_from_env(options.api_key_env)).start()
+    try:
+        progress(f"asking {options.url} for its models…")
+        notes = backend.probe()
+        if backend.info.reachable and not notes:
+            progress(f"{options.url}: {backend.info.kind} server, model {backend.default_model}")
+        yield backend, notes
+    finally:
+        backend.close()

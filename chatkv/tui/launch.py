@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 
+from chatkv.engine.api import EngineError
 from chatkv.lock import DataDirLock, DataDirLocked
 from chatkv.model.errors import ModelError
-from chatkv.runtime import LoadingEngine, find_model, start_engine
+from chatkv.runtime import LoadingEngine, find_model, open_runtime, start_engine
 from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, ChatApp, make_app
 
@@ -49,6 +50,8 @@ def run_tui(context) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         say("the chat needs a terminal; to drive it from a script use --headless --script FILE")
         return 2
+    if context.settings.backend.url:
+        return _run_with_server(context)
     args, settings, paths = context.args, context.settings, context.paths
     notes = EngineNotes()
     try:
@@ -89,4 +92,22 @@ def run_tui(context) -> int:
             engine.close()
     finally:
         lock.release()
+    return code or 0
+
+
+def _run_with_server(context) -> int:
+    """``--backend URL``: a server does the model's work, so there is nothing to load behind the app."""
+    args, settings, paths = context.args, context.settings, context.paths
+    notes = EngineNotes()
+    try:
+        with open_runtime(settings, paths, progress=say, engine_log=notes) as runtime:
+            options = AppOptions(new_tab=args.new, theme=args.theme)
+            app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
+            app.startup_notes.extend(runtime.notes)
+            notes.app = app
+            code = app.run()
+            notes.app = None
+    except (DataDirLocked, ModelError, EngineError) as exc:  # each carries a message for the user
+        say(str(exc))
+        return 1
     return code or 0
