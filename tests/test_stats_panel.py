@@ -108,7 +108,7 @@ async def test_panel_shows_every_figure_from_engine_stats() -> None:
 
         snapshots = section_text(panel, "snapshots")
         assert "2 · 456 tok" in snapshots
-        assert "ready     0 tabs to restore on next turn" in snapshots
+        assert "ready     0 tabs on disk" in snapshots
         assert "48.0 MiB of 2.0 GiB" in snapshots
 
         session = section_text(panel, "session")
@@ -141,7 +141,7 @@ async def test_idle_rates_say_idle_instead_of_a_stale_figure_and_the_tab_shows_i
         assert section_text(panel, "decode") == "decode    idle"
         assert section_text(panel, "prefill").startswith("prefill   idle")
         assert section_text(panel, "session").endswith("reply     16.9 tok/s · 42 tok")
-        assert "ready     1 tab to restore on next turn" in section_text(panel, "snapshots")
+        assert "ready     1 tab on disk" in section_text(panel, "snapshots")
 
 
 async def test_ttft_of_the_first_turn_shows_before_the_turn_ends() -> None:

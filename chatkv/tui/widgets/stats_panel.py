@@ -103,7 +103,7 @@ def snapshot_lines(stats: EngineStats, ready_tabs: int = 0) -> list[Line]:
     budget = f" of {format_bytes(stats.disk_budget_bytes)}" if stats.disk_budget_bytes > 0 else ""
     return [
         ("restores", f"{format_count(stats.disk_restores)} · {format_count(stats.disk_reused_tokens)} tok"),
-        ("ready", f"{format_quantity(ready_tabs, 'tab')} to restore on next turn"),
+        ("ready", f"{format_quantity(ready_tabs, 'tab')} on disk"),
         ("on disk", f"{format_bytes(stats.disk_bytes)}{budget}"),
     ]
 
