@@ -19,6 +19,7 @@ import orjson
 from textual.pilot import Pilot
 
 from chatkv.engine.api import EngineStats, Sampling, TurnResult
+from chatkv.crash import CRASH_EXIT_CODE, crash_summary
 from chatkv.headless_script import Op, ScriptError, parse_line
 from chatkv.lock import DataDirLocked
 from chatkv.model.loader import ModelError
@@ -213,7 +214,15 @@ def run_headless(context) -> int:
         with script, open_runtime(settings, paths, progress=say, engine_log=say) as runtime:
             app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
             app.run(headless=True, auto_pilot=runner)
+            if app.crash is not None:
+                from chatkv.tui.launch import snapshot_after_crash
+
+                snapshot_after_crash(runtime.engine, app.crash_session_ids)
+                summary = crash_summary(app.crash, app.crash_log)
+                events.error(None, summary)
+                say(summary)
+                return CRASH_EXIT_CODE
     except (DataDirLocked, ModelError) as exc:  # both carry a message for the user
         say(str(exc))
         return 1
-    return 1 if events.errors else 0
+    return 1 if events.errors or app.return_code else 0

@@ -20,6 +20,7 @@ from textual.widgets import Footer, Header
 
 from chatkv.config import Settings
 from chatkv.conversation import Conversation
+from chatkv.crash import write_crash_log
 from chatkv.engine.api import Sampling
 from chatkv.store import ConversationStore, StoreError
 from chatkv.tui.commands import ChatCommands
@@ -81,6 +82,10 @@ class ChatApp(App[int]):
         self._event_loop: asyncio.AbstractEventLoop | None = None
         # told of every problem the user is shown (headless mode turns them into error events): (session id or None, message)
         self.problem_listeners: list[Callable[[str | None, str], None]] = []
+        # set by the first uncaught error: the error, its log file, and the sessions whose KV to snapshot on the way out
+        self.crash: BaseException | None = None
+        self.crash_log: Path | None = None
+        self.crash_session_ids: list[str] = []
 
     # layout --------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -295,6 +300,41 @@ class ChatApp(App[int]):
             await asyncio.wait([asyncio.create_task(tab.wait_for_turn()) for tab in running], timeout=5)
         await asyncio.to_thread(self.engine.snapshot, self.persisted_session_ids())
         self.exit(0)
+
+    def _handle_exception(self, error: Exception) -> None:
+        """Textual's hook for an uncaught error: log the traceback to a file and save every conversation.
+
+        Textual then exits the app with return code 1. Its own traceback, printed to the terminal on the
+        way out, is dropped: the caller prints one line naming the log file (``chatkv.crash``).
+        """
+        if self.crash is None:
+            self.crash = error
+            self.crash_log = write_crash_log(self.store.paths.data, error)
+            self.crash_session_ids = self._save_all_after_crash()
+        super()._handle_exception(error)
+        self._exit_renderables.clear()
+
+    def _save_all_after_crash(self) -> list[str]:
+        """Save each open conversation as it stands; the ids of those persisted (their KV is snapshotted later)."""
+        saved: list[str] = []
+        try:
+            tabs = self.chat_tabs.chat_tabs
+        except Exception:  # the widget tree itself may be what broke
+            return saved
+        for tab in tabs:
+            if not tab.persisted:
+                continue
+            try:
+                self.store.save(tab.conversation)
+                saved.append(tab.session_id)
+            except Exception:  # one conversation that cannot be saved must not stop the others
+                continue
+        return saved
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        """Every notification shows its text literally: messages quote names, paths and errors that may hold ``[``."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def report_from_engine(self, message: str) -> None:
         """The engine's notes (a snapshot ignored, say) arrive on its thread; never block it on the UI."""
