@@ -7,10 +7,16 @@ double-newline token that re-tokenizes as two, and one such difference stops KV 
 The template is applied to growing prefixes of the conversation; each message's segment is the
 text the template adds for it. ChatML segments start and end at special tokens, so tokenizing
 them one by one gives the same ids as tokenizing the whole text, and a segment's ids can be cached.
+
+Message text is content, never control: the template is rendered with a placeholder for each
+message's text, so only the template's own markers (``<|im_start|>``, ``<|im_end|>``, ...) become
+special tokens. The text between markers, message text included, is tokenized with special-token
+parsing off, so a user who types ``<|im_end|>`` gets the ids of those characters, not end-of-turn.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -18,6 +24,8 @@ from chatkv.conversation import Message
 from chatkv.engine.api import EngineError
 
 _SENTINEL = "\x00chatkv-reply\x00"
+_PLACEHOLDER = "\x00chatkv-content-{}\x00"  # stands for message {}'s text while the template is rendered
+_PLACEHOLDER_PATTERN = re.compile("\x00chatkv-content-([0-9]+)\x00")
 
 
 @dataclass
@@ -30,6 +38,11 @@ class ChatRenderer:
     def __init__(self, tokenizer, eos_token_ids: set[int]) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
+        # the template's markers: every special added token, longest first so none is cut short by another
+        self.marker_ids = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items()
+                           if token.special}
+        markers = sorted(self.marker_ids, key=len, reverse=True)
+        self._marker_pattern = re.compile("(" + "|".join(map(re.escape, markers)) + ")") if markers else None
         probe = [{"role": "user", "content": "hi"}]
         without_prompt = self._template(probe, add_generation_prompt=False)
         with_prompt = self._template(probe, add_generation_prompt=True)
@@ -46,10 +59,30 @@ class ChatRenderer:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _encode(self, text: str) -> list[int]:
+        """Ids of template text: the markers in it become special tokens (message text never reaches here)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _encode_tuple(self, text: str) -> tuple[int, ...]:
-        return tuple(self._encode(text))
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of text taken as characters only: a special token's text here is just text."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def _encode_with_contents(self, text: str, contents: tuple[str, ...]) -> list[int]:
+        """Ids of template output ``text`` whose placeholders stand for ``contents``: markers special, the rest plain.
+
+        Each run of text between two markers, message text included, is tokenized as one piece, as the
+        tokenizer would have done with the message text in place; only its special-token parsing is off.
+        """
+        pieces = self._marker_pattern.split(text) if self._marker_pattern else [text]
+        ids: list[int] = []
+        for position, piece in enumerate(pieces):
+            if position % 2 == 1:  # a marker the template wrote
+                ids.append(self.marker_ids[piece])
+            elif piece:
+                ids.extend(self._encode_plain(_PLACEHOLDER_PATTERN.sub(lambda match: contents[int(match.group(1))], piece)))
+        return ids
+
+    def _encode_tuple(self, text: str, contents: tuple[str, ...] = ()) -> tuple[int, ...]:
+        return tuple(self._encode_with_contents(text, contents))
 
     def _reply_suffix_ids(self, reply_ids: list[int]) -> list[int]:
         suffix = self.reply_suffix_text
@@ -62,14 +95,15 @@ class ChatRenderer:
 
     def render(self, messages: list[Message]) -> list[int]:
         """Token ids of ``messages`` followed by the generation prompt."""
-        as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+        as_dicts = [{"role": m.role, "content": _PLACEHOLDER.format(index)} for index, m in enumerate(messages)]
+        contents = tuple(m.content for m in messages)
         ids: list[int] = []
         previous_text = ""
         for index, message in enumerate(messages):
             text = self._template(as_dicts[: index + 1], add_generation_prompt=False)
             if not text.startswith(previous_text):
                 # a template that rewrites earlier text: fall back to tokenizing the whole conversation
-                return self._encode(self._template(as_dicts, add_generation_prompt=True))
+                return self._encode_with_contents(self._template(as_dicts, add_generation_prompt=True), contents)
             segment = text[len(previous_text):]
             previous_text = text
             if message.role == "assistant" and message.token_ids is not None:
@@ -77,7 +111,13 @@ class ChatRenderer:
                 ids.extend(message.token_ids)
                 ids.extend(self._reply_suffix_ids(message.token_ids))
             else:
-                ids.extend(self._encode_cached(segment))
+                # keyed by the segment with its placeholder and the one text it stands for: reused across turns
+                others = {int(number) for number in _PLACEHOLDER_PATTERN.findall(segment)} - {index}
+                if others:  # a template that repeats another message's text here
+                    ids.extend(self._encode_with_contents(segment, contents))
+                else:
+                    own = _PLACEHOLDER.format(index)
+                    ids.extend(self._encode_cached(segment.replace(own, _PLACEHOLDER.format(0)), (message.content,)))
         ids.extend(self.generation_prompt_ids)
         return ids
 

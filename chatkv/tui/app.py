@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from textual.app import App, ComposeResult
+from textual.command import CommandPalette
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import ModalScreen
@@ -23,7 +24,7 @@ from chatkv.conversation import Conversation
 from chatkv.crash import write_crash_log
 from chatkv.engine.api import Sampling
 from chatkv.store import ConversationStore, StoreError
-from chatkv.tui.commands import ChatCommands
+from chatkv.tui.commands import ChatCommands, ThemeCommands
 from chatkv.tui.screens.confirm_close import CloseChoice, ConfirmCloseScreen
 from chatkv.tui.screens.new_tab import NewTabRequest, NewTabScreen
 from chatkv.tui.screens.rename_tab import RenameTabScreen
@@ -286,6 +287,10 @@ class ChatApp(App[int]):
         self._stats_toggled_by_user = True
         self.stats_panel.display = not self.stats_panel.display
         self.refresh_stats(force=True)
+
+    def search_themes(self) -> None:
+        """The palette's 'Theme' command: Textual's theme list, with user theme names shown literally."""
+        self.push_screen(CommandPalette(providers=[ThemeCommands], placeholder="Search for themes…"))
 
     async def action_save_snapshots(self) -> None:
         written = await asyncio.to_thread(self.engine.snapshot, self.persisted_session_ids())
