@@ -32,7 +32,7 @@ from chatkv.tui.widgets.chat_tab import ChatTab
 STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hit_rate", "evictions", "reused_tokens",
                 "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s")
 TURN_FIELDS = ("prompt_tokens", "reused_tokens", "reused_from", "prefilled_tokens", "new_tokens", "ttft_ms",
-               "decode_tok_s", "batch_size", "finish_reason")
+               "decode_tok_s", "batch_size", "finish_reason", "dropped_messages")
 
 
 def say(message: str) -> None:

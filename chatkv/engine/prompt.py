@@ -93,6 +93,22 @@ class ChatRenderer:
                 suffix = suffix[len(eos_text):]
         return list(self._encode_cached(suffix))
 
+    def _does_not_fit(self, head: list[Message], needed: int, max_prompt_tokens: int) -> str:
+        """Why the system prompt and the new message alone do not fit, blaming the one that does not."""
+        fixed = len(self.render(head + [Message("user", "")]))  # the system prompt and the template, no message text
+        room = "a prompt holds at most {:,} tokens here (max_tokens_per_session, less room for the reply)".format(max_prompt_tokens)
+        if fixed >= max_prompt_tokens:
+            if head:
+                return (f"The system prompt is too long: it takes {fixed:,} tokens and {room}, which leaves no room for "
+                        f"a message. Shorten the system prompt (start a new tab with a shorter one), or raise "
+                        f"max_tokens_per_session.")
+            return f"max_tokens_per_session is too small: the chat template alone takes {fixed:,} tokens and {room}. Raise it."
+        message_tokens = needed - fixed
+        left = max_prompt_tokens - fixed
+        after_system = " after the system prompt" if head else ""
+        return (f"This message is too long: it takes {message_tokens:,} tokens and {left:,} are left{after_system} "
+                f"({room}). Shorten it, or raise max_tokens_per_session.")
+
     def render(self, messages: list[Message]) -> list[int]:
         """Token ids of ``messages`` followed by the generation prompt."""
         as_dicts = [{"role": m.role, "content": _PLACEHOLDER.format(index)} for index, m in enumerate(messages)]
@@ -122,7 +138,11 @@ class ChatRenderer:
         return ids
 
     def fit(self, messages: list[Message], max_prompt_tokens: int) -> RenderedPrompt:
-        """Render, dropping the oldest turns (never the system prompt, never the new message) until it fits."""
+        """Render, dropping the oldest turns (never the system prompt, never the new message) until it fits.
+
+        Raises ``EngineError`` when even the system prompt and the new message alone do not fit; its
+        message names which of the two is too long and by how many tokens.
+        """
         head = [m for m in messages[:1] if m.role == "system"]
         body = messages[len(head):]
         dropped = 0
@@ -131,10 +151,7 @@ class ChatRenderer:
             if len(ids) <= max_prompt_tokens:
                 return RenderedPrompt(ids, dropped)
             if len(body) <= 1:
-                raise EngineError(
-                    f"This message is too long: the prompt needs {len(ids):,} tokens but a conversation holds at most "
-                    f"{max_prompt_tokens:,} here. Shorten it, or raise max_tokens_per_session."
-                )
+                raise EngineError(self._does_not_fit(head, len(ids), max_prompt_tokens))
             # drop the oldest user message and the replies that follow it, up to the next user message
             cut = 1
             while cut < len(body) - 1 and body[cut].role != "user":
