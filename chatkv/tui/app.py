@@ -52,9 +52,14 @@ class AppOptions:
 class ChatApp(App[int]):
     TITLE = "chatkv"
     COMMANDS = App.COMMANDS | {ChatCommands}
+    # Text fields and lists never get narrower than a few cells, in our screens and in the palette: at 0 cells
+    # wide a placeholder cannot be wrapped and Textual raises. Narrower than that, they are clipped.
+    # The stats panel leaves the chat at least half the width, however narrow the terminal.
     CSS = """
     #main { height: 1fr; }
-    #main > StatsPanel { dock: right; }
+    #main > StatsPanel { dock: right; max-width: 50%; }
+    TextArea, Input { min-width: 10; }
+    OptionList { min-width: 16; }
     """
     BINDINGS = [
         Binding("ctrl+t", "new_tab", "New tab", id="new_tab"),
