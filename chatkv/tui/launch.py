@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from chatkv.crash import CRASH_EXIT_CODE, crash_summary
+from chatkv.engine.api import EngineError
 from chatkv.lock import DataDirLocked
 from chatkv.model.loader import ModelError
 from chatkv.runtime import open_runtime
@@ -43,6 +44,7 @@ def run_tui(context) -> int:
         with open_runtime(settings, paths, progress=say, engine_log=notes) as runtime:
             options = AppOptions(new_tab=args.new, theme=args.theme)
             app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
+            app.startup_notes.extend(runtime.notes)
             notes.app = app
             code = app.run()
             notes.app = None
@@ -50,7 +52,7 @@ def run_tui(context) -> int:
                 snapshot_after_crash(runtime.engine, app.crash_session_ids)
                 say(crash_summary(app.crash, app.crash_log))
                 return CRASH_EXIT_CODE
-    except (DataDirLocked, ModelError) as exc:  # both carry a message for the user
+    except (DataDirLocked, ModelError, EngineError) as exc:  # each carries a message for the user
         say(str(exc))
         return 1
     return code or app.return_code or 0
