@@ -7,6 +7,7 @@ ends as one line on stderr and exit status 1, never a traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import traceback
@@ -157,12 +158,21 @@ def render_text(conversation: Conversation) -> str:
 
 
 def render_markdown(conversation: Conversation) -> str:
-    parts = [f"# {conversation.name}", "", f"Session `{conversation.id}`, last updated {_local_time(conversation.updated)}.", ""]
+    """The conversation as Markdown: a heading per message (its role), then its text in a fenced code block.
+
+    Message text is never pasted in as Markdown: a reply cut inside a code block, a heading, raw HTML or
+    a ``---`` line would swallow or split the messages after it. Inside a fence longer than any run of
+    backticks in the text, a CommonMark parser gives back exactly one block per message, holding the
+    text as written (line endings as ``\\n``). The info string says what the text is: replies are Markdown.
+    """
+    parts = [f"# {_markdown_inline(conversation.name)}", "",
+             f"Session {_markdown_inline(conversation.id)}, last updated {_local_time(conversation.updated)}.", ""]
     if conversation.system:
-        parts += ["## System prompt", "", conversation.system, ""]
+        parts += ["## System prompt", "", _fenced(conversation.system, "text"), ""]
     for message in conversation.messages:
+        info = "markdown" if message.role == "assistant" else "text"
         parts += [f"## {ROLE_TITLES.get(message.role, message.role)}{_stopped_note(message)}", "",
-                  keep_line_breaks(message.content), ""]
+                  _fenced(message.content, info), ""]
     return "\n".join(parts)
 
 
@@ -175,25 +185,18 @@ def _stopped_note(message: Message) -> str:
     return f" ({note})" if message.role == "assistant" and note else ""
 
 
-def keep_line_breaks(text: str) -> str:
-    """Markdown that shows each single line break as written: two trailing spaces (a hard break) end each line
-    that another line follows in the same paragraph. Invisible where Markdown is read as plain text, and
-    harmless at the end of a block; lines in code blocks are left as they are.
-    """
-    lines = text.split("\n")
-    out = []
-    fence: str | None = None
-    for index, line in enumerate(lines):
-        marker = line.lstrip()[:3]
-        if marker in ("```", "~~~"):
-            fence = None if fence == marker else (fence or marker)
-            out.append(line)
-            continue
-        following = lines[index + 1] if index + 1 < len(lines) else ""
-        in_code = fence is not None or line.startswith(("    ", "\t"))
-        joined_to_next = bool(line.strip()) and bool(following.strip())
-        out.append(line + "  " if joined_to_next and not in_code and not line.endswith("  ") else line)
-    return "\n".join(out)
+def _fenced(text: str, info: str) -> str:
+    """``text`` in a backtick fence that nothing inside it can close (CommonMark: a closing fence is at least as long)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    body = text.replace("\r\n", "\n").replace("\r", "\n")
+    return f"{fence}{info}\n{body}\n{fence}"
+
+
+def _markdown_inline(text: str) -> str:
+    """One line of literal text in a heading or paragraph: every ASCII punctuation mark is backslash-escaped."""
+    flat = " ".join(text.split()) or "(untitled)"
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", flat)
 
 
 def _turns(conversation: Conversation) -> str:

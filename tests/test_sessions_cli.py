@@ -123,9 +123,9 @@ def test_export_markdown_has_title_system_prompt_and_role_headings(store: Conver
 
     out = capsys.readouterr().out
     assert out.startswith("# Paris trip\n")
-    assert "## System prompt\n\nAnswer in French.\n" in out
-    assert "## You\n\nQuestion 0?\n" in out
-    assert "## Assistant\n\nRéponse 0.\n" in out
+    assert "## System prompt\n\n```text\nAnswer in French.\n```\n" in out
+    assert "## You\n\n```text\nQuestion 0?\n```\n" in out
+    assert "## Assistant\n\n```markdown\nRéponse 0.\n```\n" in out
 
 
 def test_export_json_to_a_file_round_trips_the_conversation(store: ConversationStore, tmp_path: Path, capsys):
@@ -342,18 +342,17 @@ def test_show_and_export_mark_replies_that_were_stopped(store: ConversationStore
     assert "--- Assistant ---\nDone." in out
     assert main(["sessions", "export", conversation.id]) == 0
     out = capsys.readouterr().out
-    assert "## Assistant (stopped by the user)\n" in out and "## Assistant\n\nDone." in out
+    assert "## Assistant (stopped by the user)\n" in out and "## Assistant\n\n```markdown\nDone.\n```" in out
 
 
-def test_markdown_export_keeps_single_line_breaks_but_not_inside_code(store: ConversationStore, capsys):
+def test_markdown_export_keeps_single_line_breaks(store: ConversationStore, capsys):
     from markdown_it import MarkdownIt
 
     conversation = store.new_conversation(name="poem", system="")
-    reply = "Roses are red,\nviolets are blue.\n\n```\nx = 1\ny = 2\n```"
+    reply = "Roses are red,\nviolets are blue."
     conversation.messages += [Message("user", "A poem"), Message("assistant", reply, token_ids=[1])]
     store.save(conversation)
 
     assert main(["sessions", "export", conversation.id]) == 0
     html = MarkdownIt("commonmark").render(capsys.readouterr().out)
-    assert "Roses are red,<br />\nviolets are blue." in html
-    assert "<code>x = 1\ny = 2\n</code>" in html
+    assert "Roses are red,\nviolets are blue." in html and "red, violets" not in html
