@@ -88,12 +88,17 @@ def run_tui(context) -> int:
         notes.app = app
         try:
             code = app.run()
+            notes.app = None
+            if app.crash is not None:
+                snapshot_after_crash(engine, app.crash_session_ids)
+                say(crash_summary(app.crash, app.crash_log))
+                return CRASH_EXIT_CODE
         finally:
             notes.app = None
             engine.close()
     finally:
         lock.release()
-    return code or 0
+    return code or app.return_code or 0
 
 
 def _run_with_server(context) -> int:
