@@ -42,7 +42,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="model: a transformers folder, a .gguf file or a hub id (default: SmolLM2-135M-Instruct)")
     group.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="default auto: bf16 where the CPU has native bf16")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    group.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    group.add_argument("--threads", type=int, help="torch threads (default: one per core, one on a machine of two cores or fewer)")
+    group.add_argument("--quant", choices=["auto", "none", "int8", "int4"],
+                       help="weight quantization (default auto: int4 in bf16 on CPU; float32 runs unquantized, the exact mode)")
 
 
 def _add_engine(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +127,8 @@ def apply_flags(settings: Settings, args: argparse.Namespace) -> None:
         settings.model.device = args.device
     if given("threads"):
         settings.model.threads = args.threads
+    if given("quant"):
+        settings.model.quant = args.quant
     if given("no_cache"):
         settings.kv.enabled = False
     for flag, section, field_name in (

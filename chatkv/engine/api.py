@@ -123,6 +123,8 @@ class EngineStats:
     last_ttft_ms: float = 0.0
     generated_tokens: int = 0
     prefilled_tokens: int = 0
+    threads: int = 0  # torch threads the engine computes with
+    weights: str = ""  # the model's dtype and weight quantization, e.g. "bfloat16+int4"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

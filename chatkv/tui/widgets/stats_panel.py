@@ -61,7 +61,10 @@ def memory_lines(stats: EngineStats) -> list[Line]:
 def decode_lines(stats: EngineStats) -> list[Line]:
     # The sparkline below this line is Textual's: it scales between the lowest and highest recent rate, so it
     # shows the shape of throughput over time while this figure gives its level.
-    return [("decode", format_rate(stats.decode_tok_s))]
+    return [
+        ("decode", format_rate(stats.decode_tok_s)),
+        ("engine", f"{format_quantity(stats.threads, 'thread')} · {stats.weights or NO_VALUE}"),
+    ]
 
 
 def prefill_lines(stats: EngineStats) -> list[Line]:
