@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", dest="json_path", help="write the results as JSON to this file")
     bench.add_argument("--plot", dest="plot_path", help="draw charts to this PNG file (needs chatkv[plot])")
     bench.add_argument("--no-check", action="store_true", help="skip the fp32 exactness check before timing")
+    bench.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench for the speed scenario (default: on PATH)")
     return parser
 
 

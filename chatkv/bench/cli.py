@@ -114,7 +114,8 @@ def _make_context(context: Any, progress: Progress) -> BenchContext | None:
     progress(f"loaded {bundle.model_id} in {bundle.load_seconds:.1f} s ({bundle.fingerprint.dtype}, "
              f"{torch.get_num_threads()} threads)")
     return BenchContext(bundle=bundle, settings=settings, sizes=choose_sizes(context.args.quick),
-                        check=not context.args.no_check, progress=progress, models_dir=models_dir, model_spec=spec)
+                        check=not context.args.no_check, progress=progress, models_dir=models_dir, model_spec=spec,
+                        llama_bench=getattr(context.args, "llama_bench", None))
 
 
 def _run_one(name: str, ctx: BenchContext) -> ScenarioResult:

@@ -14,6 +14,10 @@ Quantization modes (``QUANT_MODES``):
 - ``int4``: asymmetric group-32 int4 (``torch._weight_int4pack_mm_for_cpu``), the layout of GGUF Q4_1,
   so SmolLM2's Q4_1 weights come back almost exactly; the output head (tied embeddings) is int8.
 
+Those kernels win only for a few rows (decode); above ``QUANT_MAX_ROWS`` rows (prefill, many tabs) a
+quantized linear multiplies by its dequantized weights in the model dtype, so either way the model
+computes with the same weights.
+
 Called without a step (``model(input_ids=..., use_cache=False, logits_to_keep=1)``) it attends causally
 over its whole input: that is the full-recompute reference for a quantized mode, with the same weights.
 """
@@ -29,6 +33,10 @@ import torch.nn.functional as F
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32
 INT4_INNER_K_TILES = 2
+# torch's weight-only kernels beat a dense bf16 matmul for a few rows (decode) but lose ~3x from ~16 rows on
+# (prefill, many tabs decoding together), so above this many rows a quantized linear multiplies by its
+# dequantized weights instead: the same weights, the dense kernel's speed
+QUANT_MAX_ROWS = 8
 
 
 class QuantError(Exception):
@@ -81,27 +89,33 @@ class Linear:
         self.out_features = tensors["q"].shape[0] if kind != "none" else tensors["weight"].shape[0]
         if kind == "none":
             self.weight = tensors["weight"].to(dtype).contiguous()
-        elif kind == "int8":
+            return
+        if kind == "int8":
             self.weight = tensors["q"].contiguous()
             self.scales = tensors["scales"].to(dtype).contiguous()
+            self.dense = (tensors["q"].float() * tensors["scales"].float()[:, None]).to(dtype)
         elif kind == "int4":
             levels = tensors["q"].to(torch.int32).contiguous()
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, INT4_INNER_K_TILES)
-            scales, mins = tensors["scales"], tensors["mins"]
+            scales, mins = tensors["scales"].float(), tensors["mins"].float()
             zeros = mins + scales * 8.0  # the kernel computes (q - 8)·scale + zero
             self.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+            out_features, in_features = levels.shape
+            grouped = levels.float().reshape(out_features, -1, INT4_GROUP)
+            self.dense = (grouped * scales[..., None] + mins[..., None]).reshape(out_features, in_features).to(dtype)
         else:
             raise QuantError(f"unknown quantization {kind!r}: choose one of {', '.join(QUANT_MODES)}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "none":
-            return F.linear(x, self.weight)
+        if self.kind == "none" or x.shape[0] > QUANT_MAX_ROWS:
+            return F.linear(x, self.weight if self.kind == "none" else self.dense)
         if self.kind == "int8":
             return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP, self.scales_and_zeros)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the weights the quantized kernel reads per token (the dense copy for many rows not counted)."""
         held = [self.weight] + [getattr(self, name) for name in ("scales", "scales_and_zeros") if hasattr(self, name)]
         return sum(t.numel() * t.element_size() for t in held)
 
