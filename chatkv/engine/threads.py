@@ -1,9 +1,9 @@
 """How many torch threads the engine uses.
 
-Measured on a 2-core machine shared with CPU-bound neighbours (docs/benchmarks.md, "Threads"):
-torch's default of one OpenMP thread per core collapses when another process wants a core, because
-every op waits at a barrier for the thread whose core was taken (a few tok/s instead of ~20), while
-one thread loses little when quiet. So the engine leaves one core to the rest of the machine:
+Measured on a 2-core machine with a CPU-bound neighbour (``chatkv bench contention``): torch's
+default of one OpenMP thread per core collapses when another process wants a core, because every op
+waits at a barrier for the thread whose core was taken (decode fell to about a quarter of its quiet
+rate), while one thread kept about four fifths of it. So the engine leaves one core to the rest of the machine:
 ``cores - 1`` threads, at least one. ``--threads N`` (config ``[model] threads``) overrides it.
 """
 

@@ -63,10 +63,10 @@ def run(ctx: BenchContext) -> ScenarioResult:
     })
     original = torch.get_num_threads()
     try:
-        ctx.progress(f"contention: quiet, {policy} threads")
+        ctx.progress(f"contention: quiet, {_threads(policy)}")
         quiet = _decode_rate(ctx, policy, "quiet", tokens)
         with busy_neighbour():
-            ctx.progress(f"contention: one busy neighbour, {policy} threads")
+            ctx.progress(f"contention: one busy neighbour, {_threads(policy)}")
             busy = _decode_rate(ctx, policy, "busy", tokens)
             ctx.progress(f"contention: one busy neighbour, {cores} threads (one per core)")
             busy_all = _decode_rate(ctx, cores, "busy-all-cores", tokens)
@@ -77,8 +77,12 @@ def run(ctx: BenchContext) -> ScenarioResult:
         "comparison": {"busy_vs_quiet": ratio(busy, quiet), "all_cores_busy_vs_quiet": ratio(busy_all, quiet)},
     }
     table = Table("contention: one stream decoding beside a CPU-bound neighbour", ["setting", "tok/s", "of quiet"])
-    table.add(f"quiet, {policy} threads (policy)", fmt(quiet), "")
-    table.add(f"busy, {policy} threads (policy)", fmt(busy), fmt(ratio(busy, quiet), 2))
+    table.add(f"quiet, {_threads(policy)} (policy)", fmt(quiet), "")
+    table.add(f"busy, {_threads(policy)} (policy)", fmt(busy), fmt(ratio(busy, quiet), 2))
     table.add(f"busy, {cores} threads (one per core)", fmt(busy_all), fmt(ratio(busy_all, quiet), 2))
     result.tables.append(table)
     return result
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread" if count == 1 else f"{count} threads"

@@ -77,7 +77,7 @@ def run(ctx: BenchContext) -> ScenarioResult:
     elif gguf is None:
         result.notes.append("llama.cpp: the default model's GGUF is not in the model cache; run `chatkv model pull`.")
     else:
-        ctx.progress(f"speed: llama-bench tg{LLAMA_BENCH_TOKENS} on {gguf.name}, {threads} threads")
+        ctx.progress(f"speed: llama-bench tg{LLAMA_BENCH_TOKENS} on {gguf.name}, {_threads(threads)}")
         try:
             llama = run_llama_bench(binary, gguf, threads, max(2, sizes.limits_rounds))
         except (OSError, RuntimeError, ValueError, StopIteration, subprocess.TimeoutExpired) as exc:
@@ -115,7 +115,7 @@ def _median(values: list[float]) -> float | None:
 
 def _table(figures: dict[str, Any], weights: str, threads: int) -> Table:
     comparison = figures["comparison"]
-    table = Table(f"speed: one stream decoding ({threads} threads)", ["system", "tok/s", "chatkv is"])
+    table = Table(f"speed: one stream decoding ({_threads(threads)})", ["system", "tok/s", "chatkv is"])
     table.add(f"chatkv ({weights})", fmt(figures["chatkv"]["decode_tok_s"]), "")
     table.add(f"model.generate ({figures['generate']['dtype']})", fmt(figures["generate"]["decode_tok_s"]),
               times(comparison["chatkv_vs_generate"]))
@@ -123,3 +123,7 @@ def _table(figures: dict[str, Any], weights: str, threads: int) -> Table:
     table.add(f"llama.cpp llama-bench tg{LLAMA_BENCH_TOKENS}", fmt(llama.get("tg_tok_s")) if llama else "not run",
               times(comparison["chatkv_vs_llama_cpp"]))
     return table
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread" if count == 1 else f"{count} threads"
