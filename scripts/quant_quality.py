@@ -11,6 +11,7 @@ import sys
 import torch
 
 from chatkv.engine.reference import greedy_full_recompute
+from chatkv.engine.threads import engine_threads
 from chatkv.model import load_model
 from chatkv.paths import Paths, ensure_private_dir
 
@@ -29,6 +30,7 @@ PROMPTS = [
     "What are the benefits of regular exercise?",
 ]
 MAX_NEW = int(sys.argv[1]) if len(sys.argv) > 1 else 48
+torch.set_num_threads(engine_threads())
 models = ensure_private_dir(Paths.resolve(None).models)
 
 
@@ -42,6 +44,7 @@ eos = {base.tokenizer.eos_token_id, *([base.model.generation_config.eos_token_id
 prompts = [base.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                               tokenize=True, return_dict=True)["input_ids"] for p in PROMPTS]
 reference = [greedy_full_recompute(base.lean, ids, MAX_NEW, eos) for ids in prompts]
+print(f"{len(prompts)} prompts, greedy, up to {MAX_NEW} new tokens, full recompute\n", flush=True)
 print(f"| weights | identical replies | top-1 agreement | weight bytes |\n|---|---:|---:|---:|")
 print(f"| bf16 (none) | {len(prompts)}/{len(prompts)} | 100.0% | {base.lean.weight_bytes / 2**20:,.0f} MiB |")
 for quant in ("int8", "int4"):
