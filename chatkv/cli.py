@@ -55,7 +55,10 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                        help=f"auto: bf16 where the CPU has native bf16, else fp32 ({_default(defaults.dtype, 'model.dtype')})")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"],
                        help=f"auto: cuda when torch sees a GPU, else cpu ({_default(defaults.device, 'model.device')})")
-    group.add_argument("--threads", type=int, help="torch threads (default: torch's choice, or model.threads in config.toml)")
+    group.add_argument("--threads", type=int,
+                       help="torch threads (default: one per core, one on a machine of two cores or fewer; or model.threads in config.toml)")
+    group.add_argument("--quant", choices=["auto", "none", "int8", "int4"],
+                       help="weight quantization (default auto: int4 in bf16 on CPU; float32 runs unquantized, the exact mode)")
 
 
 def _add_engine(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", dest="json_path", metavar="FILE", help="write the results as JSON to this file (default: none)")
     bench.add_argument("--plot", dest="plot_path", metavar="FILE", help="draw charts to this PNG file, needs chatkv[plot] (default: none)")
     bench.add_argument("--no-check", action="store_true", help="skip the fp32 exactness check before timing")
+    bench.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench for the speed scenario (default: on PATH)")
     return parser
 
 
@@ -191,6 +195,8 @@ def apply_flags(settings: Settings, args: argparse.Namespace) -> None:
         settings.model.device = args.device
     if given("threads"):
         settings.model.threads = args.threads
+    if given("quant"):
+        settings.model.quant = args.quant
     if given("no_cache"):
         settings.kv.enabled = False
     for flag, section, field_name in (

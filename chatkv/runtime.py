@@ -63,7 +63,7 @@ def start_engine(settings: Settings, paths: Paths, models_dir: Path, progress: L
 
     if model.threads > 0:
         torch.set_num_threads(model.threads)
-    bundle = load_model(model.model, models_dir, model.dtype, model.device, progress=progress)
+    bundle = load_model(model.model, models_dir, model.dtype, model.device, progress=progress, quant=model.quant)
     settings.generation.fill_sampling_defaults(bundle.sampling_defaults)
     progress(f"{bundle.model_id} ready ({bundle.fingerprint.dtype}, {bundle.device}, loaded in {bundle.load_seconds:.1f} s)")
     return Engine(bundle, settings, snapshot_dir=paths.snapshots, log=engine_log).start()

@@ -22,7 +22,8 @@ def run_model_command(context) -> int:
             return 0
         from chatkv.model.loader import load_model  # torch: only once we know the command needs it
 
-        bundle = load_model(spec, models_dir, context.settings.model.dtype, context.settings.model.device)
+        bundle = load_model(spec, models_dir, context.settings.model.dtype, context.settings.model.device,
+                            quant=context.settings.model.quant)
         make_private_tree(models_dir)
     except (ModelError, ModelSourceError) as exc:
         print(f"chatkv: {exc}", file=sys.stderr)
