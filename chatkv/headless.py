@@ -29,9 +29,11 @@ from chatkv.tui.app import AppOptions, ChatApp, make_app
 from chatkv.tui.widgets.chat_tab import ChatTab
 
 STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hit_rate", "evictions", "reused_tokens",
-                "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s")
+                "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s",
+                # prefix sharing (paged KV): reuse split by where it came from, and what sharing saves right now
+                "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved")
 TURN_FIELDS = ("prompt_tokens", "reused_tokens", "reused_from", "prefilled_tokens", "new_tokens", "ttft_ms",
-               "decode_tok_s", "batch_size", "finish_reason")
+               "decode_tok_s", "batch_size", "finish_reason", "shared_tokens", "shared_from")
 
 
 def say(message: str) -> None:
