@@ -87,6 +87,7 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    model: str | None = None  # a remote server's model chosen for this conversation (--backend); None: the default
 
     def prompt_messages(self) -> list[Message]:
         """The messages the model sees: the system prompt (if any) then the turns."""
@@ -106,6 +107,7 @@ class Conversation:
             "created": self.created,
             "updated": self.updated,
             "messages": [message.to_dict() for message in self.messages],
+            **({"model": self.model} if self.model else {}),
         }
 
     @classmethod
@@ -139,6 +141,9 @@ class Conversation:
                 messages.append(Message.from_dict(item))
             except ValueError as exc:
                 raise ValueError(f"messages[{position}]: {exc}") from None
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ValueError(f"model must be a string, got {_type_name(model)}")
         return cls(
             id=session_id,
             name=name or session_id,
@@ -146,4 +151,5 @@ class Conversation:
             messages=messages,
             created=_check_timestamp(data, "created"),
             updated=_check_timestamp(data, "updated"),
+            model=model or None,
         )

@@ -12,13 +12,14 @@ the script: ``send`` returns at once, ``wait`` waits for every turn sent so far.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from typing import IO, Any, BinaryIO
 
 import orjson
 from textual.pilot import Pilot
 
-from chatkv.engine.api import EngineStats, Sampling, TurnResult
+from chatkv.engine.api import EngineError, EngineStats, Sampling, TurnResult
 from chatkv.headless_script import Op, ScriptError, parse_line
 from chatkv.lock import DataDirLocked
 from chatkv.model.loader import ModelError
@@ -32,6 +33,9 @@ STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hi
                 "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s",
                 # prefix sharing (paged KV): reuse split by where it came from, and what sharing saves right now
                 "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved")
+LOCAL_ONLY_STATS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "evictions", "avg_batch_size",
+                    "queue_depth", "prefill_tok_s",
+                    "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved")
 TURN_FIELDS = ("prompt_tokens", "reused_tokens", "reused_from", "prefilled_tokens", "new_tokens", "ttft_ms",
                "decode_tok_s", "batch_size", "finish_reason", "shared_tokens", "shared_from")
 
@@ -58,13 +62,23 @@ class EventWriter:
     def turn(self, tab: str, turn: int, result: TurnResult, trace: bool) -> None:
         event = {"event": "turn", "tab": tab, "turn": turn, "reply": result.reply}
         event.update({field: getattr(result, field) for field in TURN_FIELDS})
+        if result.reused_from == "server":
+            event["shared_tokens"] = None  # which of its cached tokens a server shared between requests is not reported
         if trace:
             event["prompt_ids"] = list(result.prompt_ids)
             event["reply_ids"] = list(result.reply_ids)
         self.emit(event)
 
     def stats(self, stats: EngineStats) -> None:
-        self.emit({"event": "stats", **{field: getattr(stats, field) for field in STATS_FIELDS}})
+        event = {"event": "stats", **{field: getattr(stats, field) for field in STATS_FIELDS}}
+        if stats.server is not None:
+            # a remote server: its KV and batching are its own, so the local figures are absent, not zero;
+            # the hit rate covers the turns whose cached tokens the server reported, and "server" its /metrics
+            event.update({field: None for field in LOCAL_ONLY_STATS})
+            if not stats.prompt_tokens:
+                event["hit_rate"] = None
+            event["server"] = dataclasses.asdict(stats.server)
+        self.emit(event)
 
 
 class ScriptRunner:
@@ -107,6 +121,9 @@ class ScriptRunner:
         elif op.name == "wait":
             await self.wait_all()
         elif op.name == "stats":
+            scrape_now = getattr(self.app.engine, "scrape_now", None)
+            if scrape_now is not None:
+                await asyncio.to_thread(scrape_now)  # a remote server: the figures as of now, not of the last panel refresh
             self.events.stats(self.app.engine.stats())
         elif op.name == "snapshot":
             await asyncio.to_thread(self.app.engine.snapshot, self.app.persisted_session_ids())
@@ -213,9 +230,11 @@ def run_headless(context) -> int:
     options = AppOptions(restore_tabs=False, persist=not args.ephemeral, remember_layout=False, theme=args.theme)
     try:
         with script, open_runtime(settings, paths, progress=say, engine_log=say) as runtime:
+            for note in runtime.notes:
+                say(note)
             app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
             app.run(headless=True, auto_pilot=runner)
-    except (DataDirLocked, ModelError) as exc:  # both carry a message for the user
+    except (DataDirLocked, ModelError, EngineError) as exc:  # each carries a message for the user
         say(str(exc))
         return 1
     return 1 if events.errors else 0

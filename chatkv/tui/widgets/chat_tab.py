@@ -164,7 +164,9 @@ class ChatTab(TabPane):
             await reply.finish(result.reply, reply_stats(result))
             return await self._give_back(text, turn, result.error or "the engine failed on this turn", result)
         stats = reply_stats(result)
-        conversation.messages.append(Message("assistant", result.reply, token_ids=list(result.reply_ids), stats=stats))
+        # a remote server's reply has no ids here (None, not []): the local engine re-tokenizes its text if it ever sees it
+        token_ids = list(result.reply_ids) if result.reply_ids else None
+        conversation.messages.append(Message("assistant", result.reply, token_ids=token_ids, stats=stats))
         self.save()
         await reply.finish(result.reply, stats)
         return TurnOutcome(turn, result)
