@@ -137,6 +137,8 @@ class EngineStats:
     last_ttft_ms: float = 0.0
     generated_tokens: int = 0
     prefilled_tokens: int = 0
+    threads: int = 0  # torch threads the engine computes with
+    weights: str = ""  # the model's dtype and weight quantization, e.g. "bfloat16+int4"
     # a remote backend's server-wide figures (chatkv.remote.server_metrics.ServerReport); None for the local engine
     server: Any = None
 

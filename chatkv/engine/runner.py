@@ -29,8 +29,8 @@ def exact_float32_matmuls(device: torch.device, dtype: torch.dtype) -> None:
 
 class ModelRunner:
     def __init__(self, bundle: ModelBundle, block_size: int = BLOCK_SIZE) -> None:
-        self.model = bundle.model
-        use_packed_attention(self.model)
+        use_packed_attention(bundle.model)
+        self.model = bundle.engine_model  # the lean Llama forward where there is one
         self.device = bundle.device
         self.dtype = bundle.dtype
         exact_float32_matmuls(self.device, self.dtype)
