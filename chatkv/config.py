@@ -38,6 +38,8 @@ class KvOptions:
     max_bytes_total: int = 1 * GIB
     policy: str = "lru"
     persist_across_requests: bool = True
+    # a prompt that starts with full KV blocks another session computed uses them instead of prefilling
+    share_prefixes: bool = True
 
 
 @dataclass

@@ -31,11 +31,14 @@ from chatkv.tui.app import AppOptions, ChatApp, make_app
 from chatkv.tui.widgets.chat_tab import ChatTab
 
 STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hit_rate", "evictions", "reused_tokens",
-                "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s")
+                "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s",
+                # prefix sharing (paged KV): reuse split by where it came from, and what sharing saves right now
+                "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved")
 LOCAL_ONLY_STATS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "evictions", "avg_batch_size",
-                    "queue_depth", "prefill_tok_s")
+                    "queue_depth", "prefill_tok_s",
+                    "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved")
 TURN_FIELDS = ("prompt_tokens", "reused_tokens", "reused_from", "prefilled_tokens", "new_tokens", "ttft_ms",
-               "decode_tok_s", "batch_size", "finish_reason", "dropped_messages")
+               "decode_tok_s", "batch_size", "finish_reason", "dropped_messages", "shared_tokens", "shared_from")
 
 
 def say(message: str) -> None:
@@ -60,6 +63,8 @@ class EventWriter:
     def turn(self, tab: str, turn: int, result: TurnResult, trace: bool) -> None:
         event = {"event": "turn", "tab": tab, "turn": turn, "reply": result.reply}
         event.update({field: getattr(result, field) for field in TURN_FIELDS})
+        if result.reused_from == "server":
+            event["shared_tokens"] = None  # which of its cached tokens a server shared between requests is not reported
         if trace:
             event["prompt_ids"] = list(result.prompt_ids)
             event["reply_ids"] = list(result.reply_ids)

@@ -89,6 +89,8 @@ class TurnResult:
     dropped_messages: int = 0  # oldest messages left out to fit the context
     error: str | None = None
     total_ms: float = 0.0
+    shared_tokens: int = 0  # of reused_tokens, those found in blocks another session computed
+    shared_from: str | None = None  # that session's id, when all of them came from one session
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +125,10 @@ class EngineStats:
     # reuse
     prompt_tokens: int = 0
     reused_tokens: int = 0
+    reused_tokens_same_session: int = 0  # from the session's own KV (memory or disk)
+    reused_tokens_other_session: int = 0  # from blocks another session computed
+    shared_blocks: int = 0  # KV blocks held by more than one session right now
+    shared_bytes_saved: int = 0  # bytes those sessions would hold on top of `bytes` without sharing
     hit_rate: float = 0.0
     hit_rate_window: float = 0.0
     turns: int = 0

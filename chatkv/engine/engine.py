@@ -31,6 +31,7 @@ from chatkv.engine.api import (
     TurnResult,
 )
 from chatkv.engine.attention import Segment
+from chatkv.engine.detokenizer import IncrementalDetokenizer
 from chatkv.engine.kv_store import KvBudgetError, KvStore, SessionKv
 from chatkv.engine.metrics import EngineMetrics
 from chatkv.engine.prompt import ChatRenderer
@@ -80,6 +81,7 @@ class Engine:
         self.eos_ids = eos_token_ids(bundle)
         self.renderer = ChatRenderer(bundle.tokenizer, self.eos_ids)
         self.runner = ModelRunner(bundle)
+        self._sharing = self.kv_options.enabled and self.kv_options.share_prefixes
         self.threads = engine_threads(self.settings.model.threads)
         self.context_limit = min(self.kv_options.max_tokens_per_session, bundle.max_context)
         self.snapshots = self._open_snapshots(snapshot_dir)
@@ -201,6 +203,10 @@ class Engine:
                 evicted_bytes=self.store.evictions.bytes,
                 prompt_tokens=metrics.prompt_tokens,
                 reused_tokens=metrics.reused_tokens,
+                reused_tokens_same_session=metrics.reused_tokens - metrics.shared_tokens,
+                reused_tokens_other_session=metrics.shared_tokens,
+                shared_blocks=self.store.shared_blocks,
+                shared_bytes_saved=self.store.shared_bytes_saved,
                 hit_rate=metrics.hit_rate,
                 hit_rate_window=metrics.hit_rate_window,
                 turns=metrics.turns,
@@ -233,6 +239,27 @@ class Engine:
             if entry is None:
                 return SessionStats(session_id, 0, 0, resident=False, on_disk_bytes=on_disk)
             return SessionStats(session_id, entry.length, entry.nbytes, resident=True, on_disk_bytes=on_disk)
+
+    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
+        """The child session shares the parent's resident KV: full blocks by reference, the partial last block copied.
+
+        Returns the tokens shared (0 if the parent has nothing resident, or no room could be made).
+        """
+        for session_id in (parent_session_id, child_session_id):
+            if not is_valid_session_id(session_id):
+                raise EngineError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
+
+        def fork() -> int:
+            with self._lock:
+                if not self.kv_options.enabled:
+                    return 0
+                try:
+                    return self.store.fork(parent_session_id, child_session_id)
+                except KvBudgetError:
+                    self.store.drop(child_session_id)
+                    return 0
+
+        return self.call_in_engine(fork).result()
 
     def call_in_engine(self, function: Callable[[], object]) -> Future:
         """Run ``function`` on the engine thread between two steps (or right here if the thread is not running)."""
@@ -330,11 +357,23 @@ class Engine:
         """Find the session's cached KV (memory, else disk), keep its common prefix with the prompt, reserve room."""
         session_id = turn.session_id
         entry, reused_from = self._cached_kv(turn)
+        reusable = turn.prompt_tokens - 1  # always prefill at least one token, so the step has logits to sample from
         reused = 0
         if entry is not None:
-            # always prefill at least one token, so the step has logits to sample from
-            reused = min(common_prefix_length(entry.token_ids, turn.prompt_ids), turn.prompt_tokens - 1)
-            entry.truncate(reused)
+            reused = min(common_prefix_length(entry.token_ids, turn.prompt_ids), reusable)
+        shared = self.store.match_prefix(turn.prompt_ids, reusable) if self._sharing else []
+        if len(shared) * self.store.block_size > reused:
+            # blocks in the pool (another session's, or this one's own before it was evicted) cover more
+            donors = {self.store.blocks[block_id].owner for block_id in shared} - {session_id}
+            turn.shared_tokens = sum(
+                self.store.block_size for block_id in shared if self.store.blocks[block_id].owner != session_id
+            )
+            turn.shared_from = donors.pop() if len(donors) == 1 else None
+            reused = len(shared) * self.store.block_size
+            entry = self.store.attach(session_id, shared, turn.prompt_ids[:reused])
+            reused_from = "memory"
+        elif entry is not None:
+            self.store.truncate(session_id, reused)
         turn.max_new_tokens = max(1, min(turn.sampling.max_new_tokens, self.context_limit - turn.prompt_tokens))
         try:
             self.store.reserve(session_id, turn.prompt_tokens + turn.max_new_tokens)
@@ -350,6 +389,7 @@ class Engine:
         turn.reused_from = reused_from if reused else "none"
         turn.prefill_position = reused
         turn.generator = make_generator(turn.sampling)
+        turn.detokenizer = IncrementalDetokenizer(self.tokenizer)
         turn.admitted_at = time.perf_counter()
         turn.state = TurnState.PREFILLING
         self.scheduler.running.append(turn)
@@ -374,8 +414,7 @@ class Engine:
             self._log(f"snapshot for session {turn.session_id} ignored: its tokens do not match the conversation; recomputing")
             return None, "none"
         try:
-            extra = max(0, turn.prompt_tokens + turn.sampling.max_new_tokens - len(snapshot.token_ids))
-            entry = self.store.adopt(turn.session_id, snapshot.kv, snapshot.token_ids, extra)
+            entry = self.store.adopt(turn.session_id, snapshot.kv, snapshot.token_ids, share=self._sharing)
         except KvBudgetError:
             return None, "none"
         return entry, "disk"
@@ -406,13 +445,13 @@ class Engine:
                 self.fault_hook(planned.turn.session_id)
             entry = self.store.peek(planned.turn.session_id)
             past = entry.length
-            segments.append(Segment(entry.kv, start=len(input_ids), length=len(planned.tokens), past=past))
+            segments.append(Segment(entry.block_table, start=len(input_ids), length=len(planned.tokens), past=past))
             input_ids.extend(planned.tokens)
             positions.extend(range(past, past + len(planned.tokens)))
             if planned.completes_prompt:
                 logits_rows.append(len(input_ids) - 1)
         started = time.perf_counter()
-        logits = self.runner.forward(input_ids, positions, segments, logits_rows)
+        logits = self.runner.forward(input_ids, positions, segments, logits_rows, kv=self.store.kv)
         seconds = time.perf_counter() - started
         prefill_tokens = sum(len(p.tokens) for p in plan if p.turn.state is TurnState.PREFILLING)
         with self._lock:
@@ -422,20 +461,25 @@ class Engine:
 
     def _after_forward(self, plan: list[PlannedSegment], logits) -> None:
         now = time.perf_counter()
+        # greedy rows are picked on the model's device; only their ids come back (one copy per step)
+        greedy = logits.argmax(dim=-1).tolist()
         row = 0
         for planned in plan:
             turn = planned.turn
             samples = planned.completes_prompt
-            entry = self.store.peek(turn.session_id)
-            entry.token_ids.extend(planned.tokens)  # their K/V are in the tensor now
+            self.store.commit(turn.session_id, planned.tokens, share=self._sharing)  # their K/V are in the pool now
             if turn.state is TurnState.PREFILLING:
                 turn.prefill_position += len(planned.tokens)
             if not samples:
                 continue
-            logits_row = logits[row]
+            logits_row = row
             row += 1
             try:
-                token = next_token(logits_row, turn.sampling, turn.generator, recent_ids(turn.prompt_ids, turn.reply_ids))
+                if turn.sampling.greedy:
+                    token = greedy[logits_row]
+                else:
+                    token = next_token(logits[logits_row].cpu(), turn.sampling, turn.generator,
+                                       recent_ids(turn.prompt_ids, turn.reply_ids))
                 if turn.state is TurnState.PREFILLING:
                     turn.state = TurnState.DECODING
                     turn.first_token_at = now
@@ -451,10 +495,9 @@ class Engine:
         if token in self.eos_ids:
             self._finish(turn, "stop")
             return
-        text = self.tokenizer.decode(turn.reply_ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
-            delta = text[common_prefix_length(text, turn.reply_text):]  # usually all of text past the old reply
-            turn.reply_text = text
+        delta = turn.detokenizer.add(token)
+        if delta is not None:
+            turn.reply_text += delta
             turn.handle._push(TokenEvent(turn.session_id, delta, token))
         if turn.cancel_requested:
             self._finish(turn, "cancelled")
@@ -476,7 +519,11 @@ class Engine:
             self.store.pinned.discard(turn.session_id)
             if not (self.kv_options.enabled and self.kv_options.persist_across_requests):
                 self.store.drop(turn.session_id)
-            self.metrics.record_turn(turn.prompt_tokens, turn.reused_tokens, turn.reused_from == "disk", turn.ttft_ms)
+            else:
+                self.store.trim(turn.session_id)  # give back the room reserved for tokens never generated
+            self.metrics.record_turn(
+                turn.prompt_tokens, turn.reused_tokens, turn.reused_from == "disk", turn.ttft_ms, turn.shared_tokens
+            )
         reply_ids = turn.reply_ids
         reply = self.tokenizer.decode([t for t in reply_ids if t not in self.eos_ids], skip_special_tokens=True)
         result = TurnResult(
@@ -487,6 +534,8 @@ class Engine:
             prompt_tokens=turn.prompt_tokens,
             reused_tokens=turn.reused_tokens,
             reused_from=turn.reused_from,
+            shared_tokens=turn.shared_tokens,
+            shared_from=turn.shared_from,
             prefilled_tokens=turn.prompt_tokens - turn.reused_tokens,
             new_tokens=len(reply_ids),
             ttft_ms=turn.ttft_ms,
@@ -505,7 +554,7 @@ class Engine:
         if self.snapshots is None:
             return
         try:
-            self.snapshots.save(entry.session_id, entry.valid_kv(), list(entry.token_ids))
+            self.snapshots.save(entry.session_id, self.store.session_kv(entry), list(entry.token_ids))
         except Exception as exc:  # noqa: BLE001 - a failed spill must never fail the turn that needed the room
             self._log(f"could not write the KV of session {entry.session_id} to disk while evicting it: {exc}")
 
@@ -515,7 +564,7 @@ class Engine:
             for entry in self.store.sessions():
                 if session_ids is not None and entry.session_id not in session_ids:
                     continue
-                if entry.length and self.snapshots.save(entry.session_id, entry.valid_kv(), list(entry.token_ids)):
+                if entry.length and self.snapshots.save(entry.session_id, self.store.session_kv(entry), list(entry.token_ids)):
                     written += 1
         return written
 
