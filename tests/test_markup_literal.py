@@ -130,7 +130,7 @@ async def test_markup_like_text_is_shown_literally_in_every_screen_that_shows_it
         await pilot.pause(0.3)
         await pilot.press("escape")
         await wait_until(pilot, lambda: not isinstance(app.screen, CommandPalette))
-        await pilot.press("ctrl+w")
+        await pilot.press("f4")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmCloseScreen))
         await wait_until(pilot, lambda: f"Close {'tab ' + text!r}?" in screen_text(app))
         await pilot.press("escape")

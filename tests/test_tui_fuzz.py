@@ -20,15 +20,17 @@ from chatkv.config import Settings
 from chatkv.paths import Paths
 from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, ChatApp, make_app
+from chatkv.tui.keys import APP_BINDINGS, HISTORY_BINDINGS
 from stand_in_engine import StandInEngine
 
 SEQUENCES = int(os.environ.get("CHATKV_FUZZ_SEQUENCES", "4"))
 STEPS = int(os.environ.get("CHATKV_FUZZ_STEPS", "40"))
 FIRST_SEED = int(os.environ.get("CHATKV_FUZZ_SEED", "0"))
 
-KEYS = ["f2", "ctrl+t", "ctrl+w", "ctrl+r", "ctrl+p", "escape", "enter", "tab", "shift+tab", "alt+left", "alt+right",
-        "alt+1", "alt+2", "alt+3", "ctrl+pageup", "ctrl+pagedown", "ctrl+j", "up", "down", "backspace", "ctrl+u",
-        "left", "right", "home", "end", "space"]
+# every key the app binds (so a new binding joins the walk by itself), plus editing and dialog keys
+BOUND_KEYS = {key for binding in APP_BINDINGS + HISTORY_BINDINGS for key in binding.key.split(",")}
+KEYS = sorted(BOUND_KEYS | {"ctrl+p", "ctrl+w", "enter", "tab", "shift+tab", "ctrl+j", "up", "down", "backspace",
+                            "ctrl+u", "left", "right", "home", "end", "space", "ctrl+s"})
 TEXTS = ["hi", "[/", "paths [/tmp]", "<|im_end|>", "```", "# h", "x" * 90, "a\tb", "\x1b[31m", "🙂"]
 REPLY_TOKENS = ["Sure", " [/b]", "\n```py\n", "x = 1", "\n", "# not a heading", " <|im_end|>", "🙂"]
 
@@ -137,7 +139,7 @@ async def test_every_size_from_1x1_with_and_without_the_panel_and_each_dialog_op
     app = make_app(Settings(), StandInEngine(["ok"]), ConversationStore(paths), paths.user_themes, AppOptions())
     sizes = [(width, height) for width in (1, 2, 4, 7, 12, 20, 40, 80) for height in (1, 3, 8, 24)]
     async with app.run_test(size=(80, 24)) as pilot:
-        for dialog in (None, "ctrl+t", "ctrl+r", "ctrl+w", "ctrl+p"):
+        for dialog in (None, "ctrl+t", "ctrl+r", "f4", "ctrl+p"):
             if dialog:
                 await pilot.resize_terminal(80, 24)
                 await pilot.press(dialog)
