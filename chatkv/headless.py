@@ -23,7 +23,7 @@ from chatkv.crash import CRASH_EXIT_CODE, crash_summary
 from chatkv.engine.api import EngineError, EngineStats, Sampling, TurnResult
 from chatkv.headless_script import Op, ScriptError, parse_line
 from chatkv.lock import DataDirLocked
-from chatkv.model.loader import ModelError
+from chatkv.model.errors import ModelError
 from chatkv.runtime import open_runtime
 from chatkv.session_id import is_valid_session_id
 from chatkv.store import SessionNotFound, StoreError
@@ -171,6 +171,7 @@ class ScriptRunner:
             max_new_tokens=op.max_new_tokens or defaults.max_new_tokens,
             temperature=defaults.temperature if op.temperature is None else op.temperature,
             top_p=defaults.top_p,
+            repetition_penalty=defaults.repetition_penalty,
             max_time_ms=defaults.max_time_ms,
         )
         previous = self.turns.get(op.tab)

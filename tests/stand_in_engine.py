@@ -47,3 +47,6 @@ class StandInEngine:
 
     def forget(self, session_id: str) -> None:
         pass
+
+    def close(self) -> None:
+        pass

@@ -266,10 +266,10 @@ def test_a_sampling_failure_fails_only_that_turn(tiny_bundle, monkeypatch):
 
     real_next_token = engine_module.next_token
 
-    def failing_for_hot_sampling(logits, sampling, generator):
+    def failing_for_hot_sampling(logits, sampling, generator, recent=()):
         if sampling.temperature == 9.0:
             raise ValueError("probabilities contain NaN")
-        return real_next_token(logits, sampling, generator)
+        return real_next_token(logits, sampling, generator, recent)
 
     monkeypatch.setattr(engine_module, "next_token", failing_for_hot_sampling)
     engine = Engine(tiny_bundle, settings_with(batching__max_batch_wait_ms=200)).start()

@@ -14,6 +14,10 @@ FinishReason = Literal["stop", "length", "time", "cancelled", "error"]
 ReusedFrom = Literal["memory", "disk", "none", "server"]
 
 
+REPETITION_WINDOW = 64
+"""Recent token ids (prompt and reply) a repetition penalty looks at: llama.cpp's ``repeat_last_n`` default."""
+
+
 class EngineError(Exception):
     """A request the engine cannot take; the message is meant for the user."""
 
@@ -24,13 +28,21 @@ class QueueFullError(EngineError):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one turn picks its tokens. temperature 0 means greedy."""
+    """How one turn picks its tokens.
+
+    temperature 0 is plain greedy decoding: the most likely token every step, with no penalty, so the reply is
+    token-identical to a full-recompute reference (tests and the bench rely on it). Above 0, logits are divided by
+    the temperature, tokens seen in the last ``REPETITION_WINDOW`` ids of the prompt and reply are penalised by
+    ``repetition_penalty`` (CTRL-style: positive logits divided by it, negative ones multiplied; 1 is off), and
+    the next token is drawn from the smallest set whose probability reaches ``top_p``.
+    """
 
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     max_time_ms: int = 0  # 0: no limit
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +57,8 @@ class Sampling:
             raise EngineError("top_p must be in (0, 1]")
         if self.max_time_ms < 0:
             raise EngineError("max_time_ms must not be negative")
+        if self.repetition_penalty <= 0:
+            raise EngineError("repetition_penalty must be above 0 (1 is off)")
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,8 @@ class EngineStats:
     # KV store
     sessions: int = 0
     tokens: int = 0
-    bytes: int = 0
+    bytes: int = 0  # reserved: the KV tensors held, with the room each session keeps to grow into
+    used_bytes: int = 0  # what the ``tokens`` held take up themselves
     peak_bytes: int = 0
     budget_bytes: int = 0
     evictions: int = 0

@@ -36,7 +36,7 @@ from chatkv.engine.kv_store import KvBudgetError, KvStore, SessionKv
 from chatkv.engine.metrics import EngineMetrics
 from chatkv.engine.prompt import ChatRenderer
 from chatkv.engine.runner import ModelRunner
-from chatkv.engine.sampler import make_generator, next_token
+from chatkv.engine.sampler import make_generator, next_token, recent_ids
 from chatkv.engine.scheduler import PlannedSegment, Scheduler
 from chatkv.engine.snapshot import SnapshotStore, matches_prompt
 from chatkv.engine.threads import engine_threads
@@ -195,6 +195,7 @@ class Engine:
                 sessions=len(self.store),
                 tokens=self.store.tokens,
                 bytes=self.store.bytes,
+                used_bytes=self.store.bytes_for(self.store.tokens),
                 peak_bytes=self.store.peak_bytes,
                 budget_bytes=self.kv_options.max_bytes_total,
                 evictions=self.store.evictions.sessions,
@@ -477,7 +478,8 @@ class Engine:
                 if turn.sampling.greedy:
                     token = greedy[logits_row]
                 else:
-                    token = next_token(logits[logits_row].cpu(), turn.sampling, turn.generator)
+                    token = next_token(logits[logits_row].cpu(), turn.sampling, turn.generator,
+                                       recent_ids(turn.prompt_ids, turn.reply_ids))
                 if turn.state is TurnState.PREFILLING:
                     turn.state = TurnState.DECODING
                     turn.first_token_at = now

@@ -9,7 +9,7 @@ from __future__ import annotations
 from textual.containers import VerticalScroll
 
 from chatkv.conversation import Message
-from chatkv.tui.widgets.messages import AssistantReply, ChatNote, UserMessage
+from chatkv.tui.widgets.messages import AssistantReply, ChatNote, UserMessage, code_blocks
 
 
 class ChatView(VerticalScroll):
@@ -50,3 +50,30 @@ class ChatView(VerticalScroll):
     @property
     def replies(self) -> list[AssistantReply]:
         return list(self.query_children(AssistantReply))
+
+    def scroll_to_place(self, where: str) -> None:
+        """``page_up``, ``page_down``, ``top`` or ``bottom``; going back to the bottom follows new text again."""
+        if where == "page_up":
+            self.scroll_page_up()
+        elif where == "page_down":
+            self.scroll_page_down()
+        elif where == "top":
+            self.scroll_home(animate=False)
+        elif where == "bottom":
+            self.scroll_end(animate=False)
+            self.anchor()
+        else:
+            raise ValueError(f"unknown place {where!r}")
+
+    def last_reply_text(self) -> str | None:
+        """The newest reply as the model wrote it (the part written so far, while it streams); None if there is none."""
+        replies = self.replies
+        return replies[-1].text if replies else None
+
+    def last_code_block(self) -> str | None:
+        """The last fenced or indented code block in this chat's replies, newest reply first; None if there is none."""
+        for reply in reversed(self.replies):
+            blocks = code_blocks(reply.text)
+            if blocks:
+                return blocks[-1]
+        return None
