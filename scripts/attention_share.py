@@ -41,15 +41,17 @@ def main() -> None:
     engine = Engine(bundle, settings)
 
     in_attention = [0.0]
+    packed_attention = attention.packed_attention
 
     def timed_attention(*call_args, **kwargs):
         started = time.perf_counter()
         try:
-            return attention.packed_attention(*call_args, **kwargs)
+            return packed_attention(*call_args, **kwargs)
         finally:
             in_attention[0] += time.perf_counter() - started
 
-    AttentionInterface.register(attention.ATTENTION_NAME, timed_attention)
+    AttentionInterface.register(attention.ATTENTION_NAME, timed_attention)  # the transformers modules
+    attention.packed_attention = timed_attention  # a forward of our own that calls it by name
     steps: list[tuple[float, float]] = []
     forward = engine.runner.forward
 
