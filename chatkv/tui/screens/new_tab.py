@@ -55,7 +55,7 @@ class NewTabScreen(ModalScreen[NewTabRequest | None]):
             yield TextArea(self.default_system, id="system")
             yield SamplingForm(self.default_sampling, id="sampling")
             yield Label("", id="problem")
-            yield Label(HINT, classes="hint")
+            yield Label(Content(HINT), classes="hint")
             with Horizontal():
                 yield Button("Cancel", id="cancel")
                 yield Button("Create", id="create", variant="primary")

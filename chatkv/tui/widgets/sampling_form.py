@@ -10,6 +10,7 @@ import dataclasses
 
 from textual.app import ComposeResult
 from textual.containers import Grid
+from textual.content import Content
 from textual.widgets import Input, Label
 
 from chatkv.engine.api import EngineError, Sampling
@@ -41,7 +42,7 @@ class SamplingForm(Grid):
 
     def compose(self) -> ComposeResult:
         for name, label, whole in FIELDS:
-            yield Label(label)
+            yield Label(Content(label))
             yield Input(str(getattr(self.initial, name)), type="integer" if whole else "number", id=f"sampling-{name}",
                         compact=True)
 
