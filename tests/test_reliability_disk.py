@@ -178,7 +178,8 @@ def test_evictions_that_cannot_spill_to_a_full_disk_still_serve_every_turn_exact
             for session_id, history in histories.items():
                 history.append(Message("user", f"{session_id} {turn}"))
                 result = engine.submit(session_id, list(history), Sampling(max_new_tokens=5)).wait(60)
-                assert result.error is None and result.reused_from == "none"
+                # nothing can come from disk (every spill failed); shared prefix blocks still in the pool may be reused
+                assert result.error is None and result.reused_from != "disk"
                 assert result.reply_ids == greedy_full_recompute(tiny_bundle.model, result.prompt_ids, 5,
                                                                  eos_token_ids(tiny_bundle))
                 history.append(Message("assistant", result.reply, token_ids=result.reply_ids))
