@@ -47,3 +47,6 @@ class StandInEngine:
 
     def forget(self, session_id: str) -> None:
         pass
+
+    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
+        return 0

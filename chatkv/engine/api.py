@@ -72,6 +72,9 @@ class TurnResult:
     dropped_messages: int = 0  # oldest messages left out to fit the context
     error: str | None = None
     total_ms: float = 0.0
+    # the first turn of a fork: how many of the reused tokens came from the KV of the session it was forked from
+    shared_tokens: int = 0
+    shared_from: str | None = None  # that session's id
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +126,10 @@ class EngineStats:
     last_ttft_ms: float = 0.0
     generated_tokens: int = 0
     prefilled_tokens: int = 0
+    # forks: sessions that started from a copy of another session's KV, and what the copies hold
+    forks: int = 0
+    fork_copied_tokens: int = 0
+    fork_copied_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -95,6 +95,8 @@ class Engine:
         self._crashed: str | None = None
         self._thread: threading.Thread | None = None
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-session failures here
+        # child session -> (parent session, tokens copied): the child's first turn says its reuse came from the parent
+        self._forked_from: dict[str, tuple[str, int]] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
     def _open_snapshots(self, snapshot_dir: Path | None):
@@ -177,6 +179,21 @@ class Engine:
         self.cancel(session_id)
         self.call_in_engine(lambda: self._forget_now(session_id)).result()
 
+    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
+        """Start ``child_session_id`` from a copy of ``parent_session_id``'s KV; returns the tokens copied.
+
+        The parent's resident KV is copied (or its disk snapshot loaded, if it is not resident), and the
+        copy is counted in the store's bytes like any session's KV. The child's next turn then reuses it
+        up to the longest common prefix with its prompt, and reports that reuse as shared with the parent
+        (``TurnResult.shared_from``). Returns 0, copying nothing, when the parent has no KV, caching is
+        off, or the copy does not fit the budget: the child's first turn then recomputes its prompt.
+        Raises ``EngineError`` for an unsafe session id.
+        """
+        for session_id in (parent_session_id, child_session_id):
+            if not is_valid_session_id(session_id):
+                raise EngineError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
+        return self.call_in_engine(lambda: self._fork_now(parent_session_id, child_session_id)).result()
+
     def snapshot(self, session_ids: list[str] | None = None) -> int:
         """Write the KV of resident sessions to disk; returns how many were written."""
         if self.snapshots is None:
@@ -219,6 +236,9 @@ class Engine:
                 last_ttft_ms=metrics.last_ttft_ms,
                 generated_tokens=metrics.generated_tokens,
                 prefilled_tokens=metrics.prefilled_tokens,
+                forks=metrics.forks,
+                fork_copied_tokens=metrics.fork_copied_tokens,
+                fork_copied_bytes=metrics.fork_copied_bytes,
             )
 
     def session_stats(self, session_id: str) -> SessionStats:
@@ -337,12 +357,49 @@ class Engine:
         self.store.pinned.add(session_id)
         turn.reused_tokens = reused
         turn.reused_from = reused_from if reused else "none"
+        fork = self._forked_from.pop(session_id, None)
+        if fork is not None and reused_from == "memory":
+            turn.shared_from, turn.shared_tokens = fork[0], min(reused, fork[1])
         turn.prefill_position = reused
         turn.generator = make_generator(turn.sampling)
         turn.admitted_at = time.perf_counter()
         turn.state = TurnState.PREFILLING
         self.scheduler.running.append(turn)
         self.metrics.record_admission(turn.admitted_at - turn.submitted_at)
+
+    def _load_snapshot(self, session_id: str):
+        layout = self.runner.layout
+        return self.snapshots.load(session_id, (layout.layers, layout.kv_heads, layout.head_dim), self.bundle.dtype)
+
+    def _fork_now(self, parent_session_id: str, child_session_id: str) -> int:
+        with self._lock:
+            self._forked_from.pop(child_session_id, None)
+            if not self.kv_options.enabled:
+                return 0
+            source = self.store.peek(parent_session_id)
+            if source is not None and source.length:
+                kv, token_ids = source.valid_kv(), list(source.token_ids)
+            else:
+                snapshot = self._load_snapshot(parent_session_id) if self.snapshots is not None else None
+                if snapshot is None:
+                    return 0
+                kv, token_ids = snapshot.kv, list(snapshot.token_ids)
+            # making room for the copy must not evict the parent it is copied from
+            was_pinned = parent_session_id in self.store.pinned
+            self.store.pinned.add(parent_session_id)
+            try:
+                entry = self.store.adopt(child_session_id, kv, token_ids, extra_tokens=0)
+            except KvBudgetError as exc:
+                self._log(f"session {child_session_id} starts without its parent's KV ({exc}); its first turn recomputes it")
+                return 0
+            finally:
+                if not was_pinned:
+                    self.store.pinned.discard(parent_session_id)
+            self._forked_from[child_session_id] = (parent_session_id, entry.length)
+            self.metrics.forks += 1
+            self.metrics.fork_copied_tokens += entry.length
+            self.metrics.fork_copied_bytes += entry.nbytes
+            return entry.length
 
     def _cached_kv(self, turn: Turn) -> tuple[SessionKv | None, str]:
         if not self.kv_options.enabled:
@@ -353,10 +410,7 @@ class Engine:
             return entry, "memory"
         if self.snapshots is None:
             return None, "none"
-        snapshot = self.snapshots.load(
-            turn.session_id, (self.runner.layout.layers, self.runner.layout.kv_heads, self.runner.layout.head_dim),
-            self.bundle.dtype,
-        )
+        snapshot = self._load_snapshot(turn.session_id)
         if snapshot is None:
             return None, "none"
         if not matches_prompt(snapshot, turn.prompt_ids):
@@ -485,6 +539,8 @@ class Engine:
             dropped_messages=turn.dropped_messages,
             error=error,
             total_ms=(time.perf_counter() - turn.submitted_at) * 1000,
+            shared_tokens=turn.shared_tokens,
+            shared_from=turn.shared_from if turn.shared_tokens else None,
         )
         turn.handle._finish(result)
 
@@ -510,6 +566,7 @@ class Engine:
 
     def _forget_now(self, session_id: str) -> None:
         with self._lock:
+            self._forked_from.pop(session_id, None)
             self.store.drop(session_id)
             if self.snapshots is not None:
                 self.snapshots.delete(session_id)

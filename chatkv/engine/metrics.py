@@ -39,6 +39,9 @@ class EngineMetrics:
     queue_depth_sum: int = 0
     rejected_requests: int = 0
     last_ttft_ms: float = 0.0
+    forks: int = 0
+    fork_copied_tokens: int = 0
+    fork_copied_bytes: int = 0
     _steps: deque = field(default_factory=deque)
     _recent_turns: deque = field(default_factory=lambda: deque(maxlen=HIT_RATE_WINDOW_TURNS))
     decode_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))

@@ -32,6 +32,8 @@ class Turn:
     admitted_at: float = 0.0
     reused_tokens: int = 0
     reused_from: ReusedFrom = "none"
+    shared_tokens: int = 0  # of reused_tokens, those copied from another session's KV (a fork's first turn)
+    shared_from: str | None = None
     max_new_tokens: int = 0
     generator: torch.Generator | None = None
     # progress

@@ -19,7 +19,7 @@ from textual.theme import Theme
 from textual.widgets import Footer, Header
 
 from chatkv.config import Settings
-from chatkv.conversation import Conversation
+from chatkv.conversation import Conversation, new_session_id
 from chatkv.engine.api import Sampling
 from chatkv.store import ConversationStore, StoreError
 from chatkv.tui.commands import ChatCommands
@@ -27,7 +27,8 @@ from chatkv.tui.screens.confirm_close import CloseChoice, ConfirmCloseScreen
 from chatkv.tui.screens.new_tab import NewTabRequest, NewTabScreen
 from chatkv.tui.screens.rename_tab import RenameTabScreen
 from chatkv.tui.themes import builtin_themes_dir, load_themes
-from chatkv.tui.widgets.chat_tab import ChatTab
+from chatkv.tui.widgets.chat_tab import ChatTab, TurnRefused
+from chatkv.tui.widgets.chat_view import ChatView
 from chatkv.tui.widgets.chat_tabs import ChatTabs
 from chatkv.tui.widgets.stats_panel import StatsPanel
 
@@ -35,7 +36,10 @@ STATS_REFRESH_SECONDS = 0.25
 STATS_IDLE_EVERY = 8  # while nothing runs, refresh every 8th tick (2 s): figures only change with turns
 WIDE_ENOUGH_FOR_STATS = 120
 FALLBACK_THEME = "textual-dark"
-TAB_ACTIONS = {"new_tab", "close_tab", "rename_tab", "next_tab", "previous_tab", "go_to_tab", "stop_reply"}
+TAB_ACTIONS = {"new_tab", "close_tab", "rename_tab", "next_tab", "previous_tab", "go_to_tab", "stop_reply",
+               "regenerate", "edit_message", "fork_tab"}
+GREEDY_REGENERATE_NOTE = ("Greedy decoding (temperature 0) writes the same reply again for the same conversation; "
+                          "set generation.temperature above 0 for a different one.")
 
 
 @dataclass
@@ -59,6 +63,7 @@ class ChatApp(App[int]):
         Binding("ctrl+w", "close_tab", "Close tab", id="close_tab", priority=True),
         Binding("ctrl+r", "rename_tab", "Rename", id="rename_tab"),
         Binding("escape", "stop_reply", "Stop reply", id="stop_reply"),
+        Binding("ctrl+g", "regenerate", "Regenerate", id="regenerate"),
         Binding("ctrl+pagedown,alt+right", "next_tab", "Next tab", id="next_tab", show=False),
         Binding("ctrl+pageup,alt+left", "previous_tab", "Previous tab", id="previous_tab", show=False),
         *[Binding(f"alt+{n}", f"go_to_tab({n})", f"Tab {n}", id=f"go_to_tab_{n}", show=False) for n in range(1, 10)],
@@ -265,6 +270,88 @@ class ChatApp(App[int]):
         tab = self.chat_tabs.current
         if tab is not None and tab.stop():
             self.notify("Stopping the reply; what was written is kept.", timeout=3)
+
+    def action_regenerate(self) -> None:
+        tab = self.chat_tabs.current
+        if tab is None:
+            return
+        try:
+            tab.regenerate()
+        except TurnRefused as exc:
+            self.notify(str(exc), severity="warning")
+            return
+        if tab.sampling.greedy:
+            self.notify(GREEDY_REGENERATE_NOTE, timeout=6)
+
+    def action_edit_message(self) -> None:
+        """Edit the message highlighted in the chat view, or else the last message the user sent."""
+        tab = self.chat_tabs.current
+        if tab is None:
+            return
+        messages = tab.conversation.messages
+        index = tab.chat_view.selected
+        if index is None or not 0 <= index < len(messages) or messages[index].role != "user":
+            index = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), None)
+        if index is None:
+            self.notify("There is no message to edit yet.", severity="warning")
+            return
+        tab.ask_to_edit(index)
+
+    async def action_fork_tab(self) -> None:
+        """Fork the current tab at the message highlighted in the chat view, or else at its last message."""
+        tab = self.chat_tabs.current
+        if tab is None:
+            return
+        index = tab.chat_view.selected
+        if index is None or not 0 <= index < len(tab.conversation.messages):
+            index = len(tab.conversation.messages) - 1
+        await self.fork_at(tab, index)
+
+    async def on_chat_view_fork_requested(self, event: ChatView.ForkRequested) -> None:
+        tab = self.chat_tabs.current
+        if tab is not None:
+            await self.fork_at(tab, event.index)
+
+    async def fork_at(self, tab: ChatTab, index: int) -> ChatTab | None:
+        try:
+            child = await self.fork_tab(tab, index)
+        except TurnRefused as exc:
+            self.notify(str(exc), severity="warning")
+            return None
+        self.call_after_refresh(child.focus_input)
+        return child
+
+    async def fork_tab(self, tab: ChatTab, index: int, session_id: str | None = None, name: str | None = None) -> ChatTab:
+        """Open a new tab holding messages 0..``index`` of ``tab`` (0-based, system prompt excluded), saved with its origin.
+
+        The new tab starts from a copy of the parent's KV (``Engine.fork_kv``), so its first turn prefills
+        only what follows the shared prefix. Raises ``TurnRefused`` for a position the tab does not have,
+        or a ``session_id`` that is already in use; nothing changes then.
+        """
+        parent = tab.conversation
+        if not 0 <= index < len(parent.messages):
+            raise TurnRefused(f"There is no message {index} to fork at: this conversation has messages 0 to "
+                              f"{len(parent.messages) - 1}." if parent.messages else "There is nothing to fork yet: send a message first.")
+        session_id = session_id or new_session_id()
+        if self.chat_tabs.find(session_id) is not None:
+            raise TurnRefused(f"A tab with id {session_id!r} is already open.")
+        if self.options.persist and self.store.session_file(session_id).exists():
+            raise TurnRefused(f"A saved conversation with id {session_id!r} exists already; pick another id.")
+        child = parent.fork(index, session_id, name or self._fork_name(parent.name))
+        copied = await asyncio.to_thread(self.engine.fork_kv, tab.session_id, session_id)
+        new_tab = await self.open_conversation(child, persist=tab.persisted and self.options.persist)
+        new_tab.save()
+        self.save_layout()
+        kv = f"{copied:,} tokens of KV copied from it" if copied else "its KV was not in memory, so the first turn recomputes it"
+        self.notify(f"Forked {parent.name!r} at message {index}: {kv}.", timeout=5)
+        return new_tab
+
+    def _fork_name(self, name: str) -> str:
+        taken = {tab.conversation.name for tab in self.chat_tabs.chat_tabs}
+        candidate, number = f"{name} (fork)", 2
+        while candidate in taken:
+            candidate, number = f"{name} (fork {number})", number + 1
+        return candidate
 
     def action_next_tab(self) -> None:
         self.chat_tabs.step(1)

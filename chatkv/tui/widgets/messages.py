@@ -47,6 +47,8 @@ def describe_reply(stats: dict[str, Any]) -> str:
         parts.append(f"{stats['decode_tok_s']:.1f} tok/s")
     if stats.get("prompt_tokens"):
         source = " (disk snapshot)" if stats.get("reused_from") == "disk" else ""
+        if stats.get("shared_with"):
+            source = f" (shared with tab {stats['shared_with']})"
         parts.append(f"{stats.get('reused_tokens', 0)}/{stats['prompt_tokens']} prompt tokens from cache{source}")
     if stats.get("dropped_messages"):
         parts.append(f"{stats['dropped_messages']} oldest messages left out to fit the context")
@@ -66,9 +68,10 @@ class UserMessage(Static):
     }
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, message_index: int | None = None) -> None:
         super().__init__(Content(visible(text)))
         self.text = text
+        self.message_index = message_index  # position in the conversation; None once it no longer stands for one
 
 
 class ChatNote(Static):
@@ -107,9 +110,10 @@ class AssistantReply(Vertical):
     AssistantReply.-stopped > .reply-footer { color: $text-warning; }
     """
 
-    def __init__(self, text: str = "", stats: dict[str, Any] | None = None) -> None:
+    def __init__(self, text: str = "", stats: dict[str, Any] | None = None, message_index: int | None = None) -> None:
         super().__init__()
         self.text = text
+        self.message_index = message_index  # position in the conversation; None once it no longer stands for one
         self._initial_stats = stats
         self._streaming = False
         # made at the first frame: stopping a stream whose task never ran would cancel the caller instead

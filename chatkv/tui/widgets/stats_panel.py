@@ -55,7 +55,7 @@ def memory_lines(stats: EngineStats) -> list[Line]:
         ("used", f"{format_bytes(stats.bytes)} {budget}"),
         ("peak", format_bytes(stats.peak_bytes)),
         ("resident", f"{format_quantity(stats.sessions, 'session')} · {format_count(stats.tokens)} tok"),
-    ]
+    ] + ([("forks", f"{format_count(stats.forks)} · {format_bytes(stats.fork_copied_bytes)} copied")] if stats.forks else [])
 
 
 def decode_lines(stats: EngineStats) -> list[Line]:
