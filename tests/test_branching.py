@@ -79,7 +79,7 @@ def assert_fed_only_what_was_prefilled(turn: dict) -> None:
 
 @pytest.mark.parametrize("model, filler_tokens", [
     pytest.param("tiny", 500, id="tiny-random"),
-    pytest.param("real", 1400, id="smollm2", marks=pytest.mark.real_model),
+    pytest.param("real", 1460, id="smollm2", marks=pytest.mark.real_model),
 ])
 async def test_regenerate_edit_and_fork_prefill_only_past_the_shared_prefix_and_reply_exactly(
         model, filler_tokens, request, tmp_path):
