@@ -20,6 +20,7 @@ from chatkv.conversation import ForkOrigin
 from chatkv.engine import Engine
 from chatkv.engine.reference import greedy_full_recompute
 from chatkv.headless import EventWriter, ScriptRunner
+from chatkv.headless_script import ScriptError, parse_line
 from chatkv.paths import Paths
 from chatkv.store import ConversationStore
 from chatkv.tui.app import GREEDY_REGENERATE_NOTE, AppOptions, make_app
@@ -28,6 +29,30 @@ from chatkv.tui.widgets.chat_view import ChatView
 from chatkv.tui.widgets.messages import UserMessage
 from chatkv.tui.widgets.prompt_input import PromptInput
 from test_tui_app import SIZE, screen_text, settings_with, type_and_send, wait_until
+
+
+def test_the_three_ops_parse_with_exactly_the_documented_shapes():
+    assert parse_line(b'{"op":"regenerate","tab":"a"}', 1).tab == "a"
+    edit = parse_line(b'{"op":"edit","tab":"a","message":2,"text":"again"}', 1)
+    assert (edit.name, edit.tab, edit.message, edit.text) == ("edit", "a", 2, "again")
+    fork = parse_line(b'{"op":"fork","tab":"a","message":0,"new_tab":"b"}', 1)
+    assert (fork.name, fork.tab, fork.message, fork.new_tab) == ("fork", "a", 0, "b")
+
+
+@pytest.mark.parametrize("raw, complaint", [
+    (b'{"op":"regenerate"}', 'needs "tab"'),
+    (b'{"op":"edit","tab":"a","text":"x"}', 'needs "message"'),
+    (b'{"op":"edit","tab":"a","message":-1,"text":"x"}', "at least 0"),
+    (b'{"op":"edit","tab":"a","message":"2","text":"x"}', "must be an integer"),
+    (b'{"op":"edit","tab":"a","message":1,"text":"  "}', '"text" is empty'),
+    (b'{"op":"fork","tab":"a","message":1}', 'needs "new_tab"'),
+    (b'{"op":"fork","tab":"a","message":1,"new_tab":""}', '"new_tab" must not be empty'),
+])
+def test_a_malformed_branching_op_says_what_is_wrong(raw, complaint):
+    with pytest.raises(ScriptError) as caught:
+        parse_line(raw, 4)
+    assert complaint in str(caught.value) and "line 4" in str(caught.value)
+    assert caught.value.tab == (None if complaint == 'needs "tab"' else "a")
 
 
 class FedCountingWriter(EventWriter):

@@ -6,7 +6,7 @@ import importlib
 from typing import Callable
 
 # in the order a full run takes them
-NAMES = ("seed", "multiturn", "batching", "memory", "limits", "snapshot")
+NAMES = ("seed", "multiturn", "batching", "memory", "limits", "snapshot", "branching")
 
 
 def runner(name: str) -> Callable:
