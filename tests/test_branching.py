@@ -18,6 +18,7 @@ from chatkv.bench.filler import filler_message
 from chatkv.config import Settings
 from chatkv.conversation import ForkOrigin
 from chatkv.engine import Engine
+from chatkv.engine.api import EngineError
 from chatkv.engine.reference import greedy_full_recompute
 from chatkv.headless import EventWriter, ScriptRunner
 from chatkv.headless_script import ScriptError, parse_line
@@ -28,6 +29,7 @@ from chatkv.tui.screens.edit_message import EditMessageScreen
 from chatkv.tui.widgets.chat_view import ChatView
 from chatkv.tui.widgets.messages import UserMessage
 from chatkv.tui.widgets.prompt_input import PromptInput
+from chat_turns import chat
 from test_tui_app import SIZE, screen_text, settings_with, type_and_send, wait_until
 
 
@@ -193,6 +195,24 @@ async def test_a_fork_is_saved_with_its_origin_and_an_edit_saves_what_the_user_s
     assert [(m.role, m.content) for m in parent.messages][:1] == [("user", "uno")] and len(parent.messages) == 2
     assert [m.content for m in fork.messages if m.role == "user"] == ["one", "two"] and len(fork.messages) == 3
     assert fork.forked_from == ForkOrigin("a", "Plans", 2) and fork.name == "Plans (fork)"
+
+
+def test_fork_kv_copies_the_parents_kv_counting_its_bytes_and_the_first_turn_says_it_was_shared(tiny_bundle):
+    with Engine(tiny_bundle, Settings()) as engine:
+        history: list = []
+        chat(engine, "parent", history, "hello there", max_new_tokens=4)
+        before = engine.stats().bytes
+        assert engine.fork_kv("parent", "child") == engine.session_stats("parent").tokens
+        assert engine.stats().bytes == before + engine.session_stats("child").bytes
+        assert engine.stats().forks == 1 and engine.stats().fork_copied_bytes == engine.session_stats("child").bytes
+        assert engine.fork_kv("nobody", "orphan") == 0 and not engine.session_stats("orphan").resident
+        with pytest.raises(EngineError):
+            engine.fork_kv("parent", "../escape")
+        child_history = list(history)
+        first = chat(engine, "child", child_history, "and then?", max_new_tokens=4)
+        assert first.shared_from == "parent" and first.shared_tokens == first.reused_tokens > 0
+        later = chat(engine, "child", child_history, "more", max_new_tokens=4)
+        assert later.shared_tokens == 0 and later.shared_from is None and later.reused_tokens > 0
 
 
 # the App ---------------------------------------------------------------------------------------------
