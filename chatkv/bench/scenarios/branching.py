@@ -81,9 +81,9 @@ def run(ctx: BenchContext) -> ScenarioResult:
     with running_engine(bundle, ctx.engine_settings()) as engine:
         for number, text in enumerate(("", *FORK_MESSAGES)):
             session = f"{PARENT}-copy-{number}"
-            copy = _converse(engine, session, [filler, *SHORT_TURNS])
+            run_turn(engine, session, history[:-1], REPLY_TOKENS)  # the whole conversation, prefilled at once
             if text:
-                run_turn(engine, session, copy + [Message("user", text)], REPLY_TOKENS)
+                run_turn(engine, session, history + [Message("user", text)], REPLY_TOKENS)
         copies_bytes = engine.stats().bytes
 
     result.parameters.update(conversation_tokens=conversation_tokens)
