@@ -379,17 +379,16 @@ class Engine:
             source = self.store.peek(parent_session_id)
             if source is not None and source.length:
                 kv, token_ids = source.valid_kv(), list(source.token_ids)
-                room = source.capacity - source.length  # as much as the parent has, so the next turn rarely regrows it
             else:
                 snapshot = self._load_snapshot(parent_session_id) if self.snapshots is not None else None
                 if snapshot is None:
                     return 0
-                kv, token_ids, room = snapshot.kv, list(snapshot.token_ids), 0
+                kv, token_ids = snapshot.kv, list(snapshot.token_ids)
             # making room for the copy must not evict the parent it is copied from
             was_pinned = parent_session_id in self.store.pinned
             self.store.pinned.add(parent_session_id)
             try:
-                entry = self.store.adopt(child_session_id, kv, token_ids, extra_tokens=room)
+                entry = self.store.adopt(child_session_id, kv, token_ids, extra_tokens=0)
             except KvBudgetError as exc:
                 self._log(f"session {child_session_id} starts without its parent's KV ({exc}); its first turn recomputes it")
                 return 0
