@@ -61,6 +61,14 @@ def _add_engine(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temperature", type=float)
 
 
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("remote server (instead of the local model)")
+    group.add_argument("--backend", metavar="URL",
+                       help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (vLLM, SGLang, llama.cpp's server); "
+                            "--model then names the server's model")
+    group.add_argument("--api-key-env", metavar="NAME", help="environment variable holding the server's API key (default: OPENAI_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatkv", description="Terminal chat for local language models, with KV reuse and batching.")
     parser.add_argument("--version", action="version", version=f"chatkv {__version__}")
@@ -70,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(launch)
     _add_model(launch)
     _add_engine(launch)
+    _add_backend(launch)
     launch.add_argument("--theme", help="theme name (see the command palette for the list)")
     launch.add_argument("--new", action="store_true", help="open a fresh tab beside the saved ones")
     launch.add_argument("--headless", action="store_true", help="no terminal UI: drive the app from --script")
@@ -104,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure what the cache and batching buy against plain transformers")
     _add_common(bench)
     _add_model(bench)
+    _add_backend(bench)
     bench.add_argument("scenarios", nargs="*", help="seed, multiturn, batching, memory, limits, snapshot (default: all)")
     bench.add_argument("--quick", action="store_true", help="shrink every scenario to run in a few minutes")
     bench.add_argument("--json", dest="json_path", help="write the results as JSON to this file")
@@ -117,8 +127,15 @@ def apply_flags(settings: Settings, args: argparse.Namespace) -> None:
     def given(name: str):
         return getattr(args, name, None)
 
+    if given("backend"):
+        settings.backend.url = args.backend
+    if given("api_key_env"):
+        settings.backend.api_key_env = args.api_key_env
     if given("model"):
-        settings.model.model = args.model
+        if settings.backend.url:
+            settings.backend.model = args.model  # with a server, --model names one of its models
+        else:
+            settings.model.model = args.model
     if given("dtype"):
         settings.model.dtype = args.dtype
     if given("device"):

@@ -81,6 +81,18 @@ class UiOptions:
 
 
 @dataclass
+class BackendOptions:
+    """A remote OpenAI-compatible server instead of the local engine (``--backend``); empty url: local."""
+
+    url: str = ""  # e.g. http://127.0.0.1:8000/v1
+    model: str = ""  # the server's model name; empty: the first one /v1/models lists
+    api_key_env: str = "OPENAI_API_KEY"  # the variable holding the key; the key itself is never stored
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 120.0  # longest silence between two streamed chunks before a turn fails
+    metrics: bool = True  # scrape the server's Prometheus /metrics for the stats panel
+
+
+@dataclass
 class Settings:
     kv: KvOptions = field(default_factory=KvOptions)
     batching: BatchingOptions = field(default_factory=BatchingOptions)
@@ -88,6 +100,7 @@ class Settings:
     model: ModelOptions = field(default_factory=ModelOptions)
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     ui: UiOptions = field(default_factory=UiOptions)
+    backend: BackendOptions = field(default_factory=BackendOptions)
 
 
 class ConfigError(Exception):
@@ -131,6 +144,8 @@ _AT_LEAST_ONE = {
     ("batching", "max_batch_size"), ("batching", "max_total_queued_requests"), ("batching", "prefill_chunk_tokens"),
     ("generation", "max_new_tokens"),
 }
+# seconds that must be above zero: a zero timeout would fail every request at once
+_ABOVE_ZERO = {("backend", "connect_timeout_s"), ("backend", "read_timeout_s")}
 
 
 def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
@@ -151,6 +166,8 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{where}: must not be negative, got {value}")
     if (section, name) in _AT_LEAST_ONE and value < 1:
         raise ConfigError(f"{where}: must be at least 1, got {value}")
+    if (section, name) in _ABOVE_ZERO and value <= 0:
+        raise ConfigError(f"{where}: must be above 0, got {value}")
     if (section, name) == ("generation", "top_p") and not 0.0 < value <= 1.0:
         raise ConfigError(f"{where}: must be above 0 and at most 1, got {value}")
     choices = _CHOICES.get((section, name))

@@ -111,6 +111,7 @@ class Conversation:
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     forked_from: ForkOrigin | None = None
+    model: str | None = None  # a remote server's model chosen for this conversation (--backend); None: the default
 
     def prompt_messages(self) -> list[Message]:
         """The messages the model sees: the system prompt (if any) then the turns."""
@@ -130,7 +131,7 @@ class Conversation:
             raise IndexError(message)
         copied = [Message(m.role, m.content, list(m.token_ids) if m.token_ids is not None else None,
                           dict(m.stats) if m.stats else None) for m in self.messages[: message + 1]]
-        return Conversation(id=new_id, name=name, system=self.system, messages=copied,
+        return Conversation(id=new_id, name=name, system=self.system, messages=copied, model=self.model,
                             forked_from=ForkOrigin(self.id, self.name, message))
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +144,7 @@ class Conversation:
             "updated": self.updated,
             "messages": [message.to_dict() for message in self.messages],
             **({"forked_from": self.forked_from.to_dict()} if self.forked_from else {}),
+            **({"model": self.model} if self.model else {}),
         }
 
     @classmethod
@@ -177,6 +179,9 @@ class Conversation:
             except ValueError as exc:
                 raise ValueError(f"messages[{position}]: {exc}") from None
         forked_from = data.get("forked_from")
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ValueError(f"model must be a string, got {_type_name(model)}")
         return cls(
             id=session_id,
             name=name or session_id,
@@ -185,4 +190,5 @@ class Conversation:
             created=_check_timestamp(data, "created"),
             updated=_check_timestamp(data, "updated"),
             forked_from=ForkOrigin.from_dict(forked_from) if forked_from is not None else None,
+            model=model or None,
         )

@@ -12,13 +12,14 @@ the script: ``send`` returns at once, ``wait`` waits for every turn sent so far.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from typing import IO, Any, BinaryIO, Callable
 
 import orjson
 from textual.pilot import Pilot
 
-from chatkv.engine.api import EngineStats, Sampling, TurnResult
+from chatkv.engine.api import EngineError, EngineStats, Sampling, TurnResult
 from chatkv.headless_script import Op, ScriptError, parse_line
 from chatkv.lock import DataDirLocked
 from chatkv.model.loader import ModelError
@@ -30,6 +31,8 @@ from chatkv.tui.widgets.chat_tab import ChatTab, TurnRefused
 
 STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hit_rate", "evictions", "reused_tokens",
                 "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s")
+LOCAL_ONLY_STATS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "evictions", "avg_batch_size",
+                    "queue_depth", "prefill_tok_s")
 TURN_FIELDS = ("prompt_tokens", "reused_tokens", "reused_from", "prefilled_tokens", "new_tokens", "ttft_ms",
                "decode_tok_s", "batch_size", "finish_reason")
 
@@ -66,7 +69,15 @@ class EventWriter:
         self.emit(event)
 
     def stats(self, stats: EngineStats) -> None:
-        self.emit({"event": "stats", **{field: getattr(stats, field) for field in STATS_FIELDS}})
+        event = {"event": "stats", **{field: getattr(stats, field) for field in STATS_FIELDS}}
+        if stats.server is not None:
+            # a remote server: its KV and batching are its own, so the local figures are absent, not zero;
+            # the hit rate covers the turns whose cached tokens the server reported, and "server" its /metrics
+            event.update({field: None for field in LOCAL_ONLY_STATS})
+            if not stats.prompt_tokens:
+                event["hit_rate"] = None
+            event["server"] = dataclasses.asdict(stats.server)
+        self.emit(event)
 
 
 class ScriptRunner:
@@ -115,6 +126,9 @@ class ScriptRunner:
         elif op.name == "wait":
             await self.wait_all()
         elif op.name == "stats":
+            scrape_now = getattr(self.app.engine, "scrape_now", None)
+            if scrape_now is not None:
+                await asyncio.to_thread(scrape_now)  # a remote server: the figures as of now, not of the last panel refresh
             self.events.stats(self.app.engine.stats())
         elif op.name == "snapshot":
             await asyncio.to_thread(self.app.engine.snapshot, self.app.persisted_session_ids())
@@ -261,9 +275,11 @@ def run_headless(context) -> int:
     options = AppOptions(restore_tabs=False, persist=not args.ephemeral, remember_layout=False, theme=args.theme)
     try:
         with script, open_runtime(settings, paths, progress=say, engine_log=say) as runtime:
+            for note in runtime.notes:
+                say(note)
             app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
             app.run(headless=True, auto_pilot=runner)
-    except (DataDirLocked, ModelError) as exc:  # both carry a message for the user
+    except (DataDirLocked, ModelError, EngineError) as exc:  # each carries a message for the user
         say(str(exc))
         return 1
     return 1 if events.errors else 0

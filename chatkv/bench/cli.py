@@ -27,6 +27,10 @@ from chatkv.bench.sizes import choose_sizes
 
 def run_bench(context: Any) -> int:
     args = context.args
+    if getattr(args, "backend", None):
+        from chatkv.bench.remote import run_remote_bench
+
+        return run_remote_bench(context)
     names = list(dict.fromkeys(args.scenarios)) or list(scenarios.NAMES)
     unknown = [name for name in names if name not in scenarios.NAMES]
     if unknown:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Literal
 
 FinishReason = Literal["stop", "length", "time", "cancelled", "error"]
-ReusedFrom = Literal["memory", "disk", "none"]
+ReusedFrom = Literal["memory", "disk", "none", "server"]
 
 
 class EngineError(Exception):
@@ -56,18 +56,21 @@ class TokenEvent:
 
 @dataclass
 class TurnResult:
+    """A finished turn. From a remote backend (``reused_from == "server"``) the token ids are empty and a
+    count the server did not report (prompt, reused or prefilled tokens) is None, never a made-up 0."""
+
     session_id: str
     reply: str
     reply_ids: list[int]
     prompt_ids: list[int]
-    prompt_tokens: int
-    reused_tokens: int
+    prompt_tokens: int | None
+    reused_tokens: int | None
     reused_from: ReusedFrom
-    prefilled_tokens: int
+    prefilled_tokens: int | None
     new_tokens: int
     ttft_ms: float
     decode_tok_s: float
-    batch_size: int
+    batch_size: int | None  # None from a remote backend: the server batches, and does not say with whom
     finish_reason: FinishReason
     dropped_messages: int = 0  # oldest messages left out to fit the context
     error: str | None = None
@@ -87,6 +90,11 @@ class SessionStats:
     bytes: int
     resident: bool
     on_disk_bytes: int = 0
+    # a remote backend's view of the session (None with the local engine, or where the server does not say)
+    model: str | None = None
+    slot: int | None = None  # llama.cpp slot the session is kept on
+    server_prompt_tokens: int | None = None  # the last turn's prompt, as the server counted it
+    server_cached_tokens: int | None = None  # of which the server served this many from its cache
 
 
 @dataclass
@@ -130,6 +138,8 @@ class EngineStats:
     forks: int = 0
     fork_copied_tokens: int = 0
     fork_copied_bytes: int = 0
+    # a remote backend's server-wide figures (chatkv.remote.server_metrics.ServerReport); None for the local engine
+    server: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

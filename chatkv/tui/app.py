@@ -159,6 +159,8 @@ class ChatApp(App[int]):
         persist = self.options.persist if persist is None else persist
         save = self.save_conversation if persist else (lambda _conversation: None)
         tab = ChatTab(conversation, self.engine, save, self.default_sampling(), persisted=persist)
+        if conversation.model and hasattr(self.engine, "set_model"):  # the server's model chosen for it last time
+            self.engine.set_model(conversation.id, conversation.model)
         await self.chat_tabs.add(tab, activate=activate)
         self.save_layout()
         return tab
@@ -370,6 +372,9 @@ class ChatApp(App[int]):
         self.refresh_stats(force=True)
 
     async def action_save_snapshots(self) -> None:
+        if getattr(self.engine, "models", None) is not None:  # a remote server (--backend) holds the KV
+            self.notify("The server holds the KV cache; chatkv has none to save. Conversations are saved as you go.")
+            return
         written = await asyncio.to_thread(self.engine.snapshot, self.persisted_session_ids())
         self.notify(f"Saved the KV cache of {written} session(s) to disk.")
 
@@ -389,6 +394,23 @@ class ChatApp(App[int]):
             self.startup_notes.append(message)
         else:
             self._event_loop.call_soon_threadsafe(self.notify, message, severity="warning", timeout=8)
+
+    async def server_models(self) -> list[str]:
+        """A remote server's models for the palette (asked again if the server was not reachable before); [] locally."""
+        models = getattr(self.engine, "models", None)
+        if models is None:
+            return []
+        return models() or await asyncio.to_thread(self.engine.refresh_models)
+
+    def use_model(self, model: str) -> None:
+        """A remote server: answer the current tab with ``model`` from now on (remembered with the conversation)."""
+        tab = self.chat_tabs.current
+        if tab is not None:
+            tab.conversation.model = model
+            tab.save()
+            self.engine.set_model(tab.session_id, model)
+            self.notify(f"This tab's next replies come from {model}.", timeout=4)
+            self.refresh_stats(force=True)
 
     def persisted_session_ids(self) -> list[str]:
         return [tab.session_id for tab in self.chat_tabs.chat_tabs if tab.persisted]

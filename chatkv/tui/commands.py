@@ -37,6 +37,7 @@ class ChatCommands(Provider):
     async def startup(self) -> None:
         # read once per palette opening, not per keystroke
         self.closed: list[Conversation] = await self.app.closed_conversations()
+        self.models: list[str] = await self.app.server_models()
 
     def commands(self) -> list[PaletteCommand]:
         app: ChatApp = self.app  # type: ignore[assignment]
@@ -59,6 +60,9 @@ class ChatCommands(Provider):
         for tab in app.chat_tabs.chat_tabs:
             name = tab.conversation.name
             commands.append(PaletteCommand(f"Switch to: {name}", f"Go to the tab {name!r}", partial(app.chat_tabs.activate, tab)))
+        for model in self.models:
+            commands.append(PaletteCommand(f"Model: {model}", f"Answer this tab's next turns with the server's model {model!r}",
+                                           partial(app.use_model, model)))
         for conversation in self.closed:
             commands.append(PaletteCommand(
                 f"Reopen: {conversation.name}",

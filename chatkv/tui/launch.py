@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from chatkv.engine.api import EngineError
 from chatkv.lock import DataDirLocked
 from chatkv.model.loader import ModelError
 from chatkv.runtime import open_runtime
@@ -42,10 +43,11 @@ def run_tui(context) -> int:
         with open_runtime(settings, paths, progress=say, engine_log=notes) as runtime:
             options = AppOptions(new_tab=args.new, theme=args.theme)
             app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
+            app.startup_notes.extend(runtime.notes)
             notes.app = app
             code = app.run()
             notes.app = None
-    except (DataDirLocked, ModelError) as exc:  # both carry a message for the user
+    except (DataDirLocked, ModelError, EngineError) as exc:  # each carries a message for the user
         say(str(exc))
         return 1
     return code or 0

@@ -262,7 +262,9 @@ class ChatTab(TabPane):
         if result.finish_reason == "error":
             await reply.finish(result.reply, stats)
             return await self._give_back(previous, keep, typed, turn, result.error or "the engine failed on this turn", result)
-        conversation.messages.append(Message("assistant", result.reply, token_ids=list(result.reply_ids), stats=stats))
+        # a remote server's reply has no ids here (None, not []): the local engine re-tokenizes its text if it ever sees it
+        token_ids = list(result.reply_ids) if result.reply_ids else None
+        conversation.messages.append(Message("assistant", result.reply, token_ids=token_ids, stats=stats))
         self.save()
         await reply.finish(result.reply, stats)
         return TurnOutcome(turn, result)

@@ -46,10 +46,13 @@ def describe_reply(stats: dict[str, Any]) -> str:
     if stats.get("decode_tok_s") is not None:
         parts.append(f"{stats['decode_tok_s']:.1f} tok/s")
     if stats.get("prompt_tokens"):
-        source = " (disk snapshot)" if stats.get("reused_from") == "disk" else ""
-        if stats.get("shared_with"):
-            source = f" (shared with tab {stats['shared_with']})"
-        parts.append(f"{stats.get('reused_tokens', 0)}/{stats['prompt_tokens']} prompt tokens from cache{source}")
+        if stats.get("reused_tokens") is None:  # a server that does not report its cache: say so, never show 0
+            parts.append(f"{stats['prompt_tokens']} prompt tokens (cache use not reported by the server)")
+        else:
+            source = {"disk": " (disk snapshot)", "server": " (server's cache)"}.get(stats.get("reused_from"), "")
+            if stats.get("shared_with"):
+                source = f" (shared with tab {stats['shared_with']})"
+            parts.append(f"{stats['reused_tokens']}/{stats['prompt_tokens']} prompt tokens from cache{source}")
     if stats.get("dropped_messages"):
         parts.append(f"{stats['dropped_messages']} oldest messages left out to fit the context")
     note = FINISH_NOTES.get(stats.get("finish_reason", ""))

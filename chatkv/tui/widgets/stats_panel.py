@@ -106,6 +106,56 @@ def session_lines(session: SessionStats | None) -> list[Line]:
     ]
 
 
+NOT_REPORTED = "not reported"
+"""Shown for a figure the remote server does not give: chatkv never stands in a guess for it."""
+
+
+def _reported(value, formatter) -> str:
+    return NOT_REPORTED if value is None else formatter(value)
+
+
+def server_reuse_lines(stats: EngineStats) -> list[Line]:
+    """A remote server: reuse as the server reported it per turn (turns where it reported nothing are left out)."""
+    if stats.prompt_tokens <= 0:
+        value = NOT_REPORTED if stats.turns else NO_VALUE
+        return [("hit rate", value), ("reused", value), ("turns", format_count(stats.turns))]
+    return [
+        ("hit rate", f"{format_percent(stats.hit_rate_window)} recent · {format_percent(stats.hit_rate)} all"),
+        ("reused", f"{format_count(stats.reused_tokens)} of {format_count(stats.prompt_tokens)} tok"),
+        ("hits", f"{format_count(stats.turn_hits)} of {format_quantity(stats.turns, 'turn')}"),
+    ]
+
+
+def server_lines(report) -> list[Line]:
+    """The server's own /metrics (``chatkv.remote.server_metrics.ServerReport``), 'not reported' where it says nothing."""
+    def count(value: float) -> str:  # Prometheus values are floats, these are whole numbers of tokens or requests
+        return format_count(int(value))
+
+    return [
+        ("server", report.kind if report.scrape_error is None else f"{report.kind} · {report.scrape_error}"),
+        ("hit rate", _reported(report.cache_hit_rate, format_percent)),
+        ("cached", NOT_REPORTED if report.cached_prompt_tokens is None else
+         f"{count(report.cached_prompt_tokens)} of {_reported(report.prompt_tokens, count)} tok"),
+        ("KV used", _reported(report.kv_usage, format_percent)),
+        ("requests", NOT_REPORTED if report.requests_running is None else
+         f"{count(report.requests_running)} running · {_reported(report.requests_waiting, count)} waiting"),
+    ]
+
+
+def server_session_lines(session: SessionStats | None) -> list[Line]:
+    if session is None:
+        return [("model", NO_VALUE), ("slot", NO_VALUE), ("cached", NO_VALUE)]
+    if session.server_prompt_tokens is None:
+        cached = NO_VALUE if session.server_cached_tokens is None else f"{format_count(session.server_cached_tokens)} tok"
+    else:
+        cached = f"{_reported(session.server_cached_tokens, format_count)} of {format_count(session.server_prompt_tokens)} tok"
+    return [
+        ("model", session.model or NO_VALUE),
+        ("slot", NO_VALUE if session.slot is None else str(session.slot)),
+        ("cached", f"{cached} last turn"),
+    ]
+
+
 def render_lines(lines: Sequence[Line]) -> Content:
     """Muted labels in a padded column, values in the normal text colour."""
     parts: list[str | tuple[str, str]] = []
@@ -175,28 +225,60 @@ class StatsPanel(Widget, can_focus=False):
         self.batching = StatsSection(id="batching")
         self.snapshots = StatsSection(id="snapshots")
         self.session = StatsSection(id="session")
+        self.server = StatsSection(id="server")
+        # a remote server holds the KV and batches: these local sections are hidden then, the server's shown
+        self.local_only: list[Widget] = [
+            Label("KV memory", classes="stats-heading"), self.memory_bar, self.memory,
+            Label("Batching", classes="stats-heading"), self.batching,
+            Label("Snapshots on disk", classes="stats-heading"), self.snapshots,
+        ]
+        self.server_heading = Label("Server (its /metrics)", classes="stats-heading")
         self.decode_history: list[float] = []
         self.show_stats(EngineStats(), None)
 
     def compose(self) -> ComposeResult:
+        heading, memory_bar, memory, batching_heading, batching, snapshots_heading, snapshots = self.local_only
         yield Label("Cache reuse", classes="stats-heading")
         yield self.hit_rate
-        yield Label("KV memory", classes="stats-heading")
-        yield self.memory_bar
-        yield self.memory
+        yield self.server_heading
+        yield self.server
+        yield heading
+        yield memory_bar
+        yield memory
         yield Label("Throughput", classes="stats-heading")
         yield self.decode
         yield self.decode_sparkline
         yield self.prefill
-        yield Label("Batching", classes="stats-heading")
-        yield self.batching
-        yield Label("Snapshots on disk", classes="stats-heading")
-        yield self.snapshots
+        yield batching_heading
+        yield batching
+        yield snapshots_heading
+        yield snapshots
         yield Label("This tab", classes="stats-heading")
         yield self.session
 
     def show_stats(self, stats: EngineStats, session: SessionStats | None) -> None:
-        """Show the engine's figures and, when a tab is selected, that tab's session."""
+        """Show the engine's figures and, when a tab is selected, that tab's session.
+
+        With a remote server (``stats.server`` set) the local KV, batching and snapshot sections are hidden
+        and the server's own figures are shown instead.
+        """
+        remote = stats.server is not None
+        if self.server.display != remote:
+            self.server_heading.display = self.server.display = remote
+            for widget in self.local_only:
+                widget.display = not remote
+        if remote:
+            self._show_server(stats, session)
+        else:
+            self._show_local(stats, session)
+        if stats.decode_tok_s_history != self.decode_history:
+            # A copy: the engine may reuse its list, and the comparison above needs the values as shown.
+            self.decode_history = list(stats.decode_tok_s_history)
+            # Textual draws a single point as a full-height block, which would read as peak throughput;
+            # a line needs two points to say anything, so until then the sparkline stays at its baseline.
+            self.decode_sparkline.data = self.decode_history if len(self.decode_history) >= 2 else []
+
+    def _show_local(self, stats: EngineStats, session: SessionStats | None) -> None:
         self.hit_rate.show(hit_rate_lines(stats))
         self.memory_bar.set_usage(stats.bytes, stats.peak_bytes, stats.budget_bytes)
         self.memory.show(memory_lines(stats))
@@ -205,9 +287,11 @@ class StatsPanel(Widget, can_focus=False):
         self.batching.show(batching_lines(stats))
         self.snapshots.show(snapshot_lines(stats))
         self.session.show(session_lines(session))
-        if stats.decode_tok_s_history != self.decode_history:
-            # A copy: the engine may reuse its list, and the comparison above needs the values as shown.
-            self.decode_history = list(stats.decode_tok_s_history)
-            # Textual draws a single point as a full-height block, which would read as peak throughput;
-            # a line needs two points to say anything, so until then the sparkline stays at its baseline.
-            self.decode_sparkline.data = self.decode_history if len(self.decode_history) >= 2 else []
+
+    def _show_server(self, stats: EngineStats, session: SessionStats | None) -> None:
+        self.hit_rate.show(server_reuse_lines(stats))
+        self.server.show(server_lines(stats.server))
+        self.decode.show(decode_lines(stats))
+        ttft = format_ms(stats.last_ttft_ms) if stats.last_ttft_ms > 0 else NO_VALUE
+        self.prefill.show([("TTFT", f"{ttft} last turn"), ("generated", f"{format_count(stats.generated_tokens)} tok")])
+        self.session.show(server_session_lines(session))
