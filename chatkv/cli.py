@@ -191,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line and a log file, never a bare traceback or a silent exit 0
+        from chatkv.crash import CRASH_EXIT_CODE, crash_summary, write_crash_log
+
+        try:
+            data = Paths.resolve(getattr(args, "data_dir", None)).data
+        except Exception:
+            data = None
+        log_path = write_crash_log(data, exc) if data is not None else None
+        print(f"chatkv: {crash_summary(exc, log_path)}", file=sys.stderr)
+        return CRASH_EXIT_CODE
 
 
 def _dispatch(context: Context) -> int:

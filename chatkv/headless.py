@@ -19,6 +19,7 @@ from typing import IO, Any, BinaryIO, Callable
 import orjson
 from textual.pilot import Pilot
 
+from chatkv.crash import CRASH_EXIT_CODE, crash_summary
 from chatkv.engine.api import EngineError, EngineStats, Sampling, TurnResult
 from chatkv.headless_script import Op, ScriptError, parse_line
 from chatkv.lock import DataDirLocked
@@ -34,7 +35,7 @@ STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hi
 LOCAL_ONLY_STATS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "evictions", "avg_batch_size",
                     "queue_depth", "prefill_tok_s")
 TURN_FIELDS = ("prompt_tokens", "reused_tokens", "reused_from", "prefilled_tokens", "new_tokens", "ttft_ms",
-               "decode_tok_s", "batch_size", "finish_reason")
+               "decode_tok_s", "batch_size", "finish_reason", "dropped_messages")
 
 
 def say(message: str) -> None:
@@ -279,7 +280,15 @@ def run_headless(context) -> int:
                 say(note)
             app = make_app(settings, runtime.engine, runtime.store, paths.user_themes, options)
             app.run(headless=True, auto_pilot=runner)
+            if app.crash is not None:
+                from chatkv.tui.launch import snapshot_after_crash
+
+                snapshot_after_crash(runtime.engine, app.crash_session_ids)
+                summary = crash_summary(app.crash, app.crash_log)
+                events.error(None, summary)
+                say(summary)
+                return CRASH_EXIT_CODE
     except (DataDirLocked, ModelError, EngineError) as exc:  # each carries a message for the user
         say(str(exc))
         return 1
-    return 1 if events.errors else 0
+    return 1 if events.errors or app.return_code else 0

@@ -7,6 +7,7 @@ ends as one line on stderr and exit status 1, never a traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import traceback
@@ -157,12 +158,35 @@ def render_text(conversation: Conversation) -> str:
 
 
 def render_markdown(conversation: Conversation) -> str:
-    parts = [f"# {conversation.name}", "", f"Session `{conversation.id}`, last updated {_local_time(conversation.updated)}.", ""]
+    """The conversation as Markdown: a heading per message (its role), then its text in a fenced code block.
+
+    Message text is never pasted in as Markdown: a reply cut inside a code block, a heading, raw HTML or
+    a ``---`` line would swallow or split the messages after it. Inside a fence longer than any run of
+    backticks in the text, a CommonMark parser gives back exactly one block per message, holding the
+    text as written (line endings as ``\\n``). The info string says what the text is: replies are Markdown.
+    """
+    parts = [f"# {_markdown_inline(conversation.name)}", "",
+             f"Session {_markdown_inline(conversation.id)}, last updated {_local_time(conversation.updated)}.", ""]
     if conversation.system:
-        parts += ["## System prompt", "", conversation.system, ""]
+        parts += ["## System prompt", "", _fenced(conversation.system, "text"), ""]
     for message in conversation.messages:
-        parts += [f"## {ROLE_TITLES.get(message.role, message.role)}", "", message.content, ""]
+        info = "markdown" if message.role == "assistant" else "text"
+        parts += [f"## {ROLE_TITLES.get(message.role, message.role)}", "", _fenced(message.content, info), ""]
     return "\n".join(parts)
+
+
+def _fenced(text: str, info: str) -> str:
+    """``text`` in a backtick fence that nothing inside it can close (CommonMark: a closing fence is at least as long)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    body = text.replace("\r\n", "\n").replace("\r", "\n")
+    return f"{fence}{info}\n{body}\n{fence}"
+
+
+def _markdown_inline(text: str) -> str:
+    """One line of literal text in a heading or paragraph: every ASCII punctuation mark is backslash-escaped."""
+    flat = " ".join(text.split()) or "(untitled)"
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", flat)
 
 
 def _turns(conversation: Conversation) -> str:

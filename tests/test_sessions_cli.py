@@ -123,9 +123,9 @@ def test_export_markdown_has_title_system_prompt_and_role_headings(store: Conver
 
     out = capsys.readouterr().out
     assert out.startswith("# Paris trip\n")
-    assert "## System prompt\n\nAnswer in French.\n" in out
-    assert "## You\n\nQuestion 0?\n" in out
-    assert "## Assistant\n\nRéponse 0.\n" in out
+    assert "## System prompt\n\n```text\nAnswer in French.\n```\n" in out
+    assert "## You\n\n```text\nQuestion 0?\n```\n" in out
+    assert "## Assistant\n\n```markdown\nRéponse 0.\n```\n" in out
 
 
 def test_export_json_to_a_file_round_trips_the_conversation(store: ConversationStore, tmp_path: Path, capsys):

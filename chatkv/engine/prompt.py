@@ -7,10 +7,16 @@ double-newline token that re-tokenizes as two, and one such difference stops KV 
 The template is applied to growing prefixes of the conversation; each message's segment is the
 text the template adds for it. ChatML segments start and end at special tokens, so tokenizing
 them one by one gives the same ids as tokenizing the whole text, and a segment's ids can be cached.
+
+Message text is content, never control: the template is rendered with a placeholder for each
+message's text, so only the template's own markers (``<|im_start|>``, ``<|im_end|>``, ...) become
+special tokens. The text between markers, message text included, is tokenized with special-token
+parsing off, so a user who types ``<|im_end|>`` gets the ids of those characters, not end-of-turn.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -18,6 +24,8 @@ from chatkv.conversation import Message
 from chatkv.engine.api import EngineError
 
 _SENTINEL = "\x00chatkv-reply\x00"
+_PLACEHOLDER = "\x00chatkv-content-{}\x00"  # stands for message {}'s text while the template is rendered
+_PLACEHOLDER_PATTERN = re.compile("\x00chatkv-content-([0-9]+)\x00")
 
 
 @dataclass
@@ -30,6 +38,11 @@ class ChatRenderer:
     def __init__(self, tokenizer, eos_token_ids: set[int]) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
+        # the template's markers: every special added token, longest first so none is cut short by another
+        self.marker_ids = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items()
+                           if token.special}
+        markers = sorted(self.marker_ids, key=len, reverse=True)
+        self._marker_pattern = re.compile("(" + "|".join(map(re.escape, markers)) + ")") if markers else None
         probe = [{"role": "user", "content": "hi"}]
         without_prompt = self._template(probe, add_generation_prompt=False)
         with_prompt = self._template(probe, add_generation_prompt=True)
@@ -46,10 +59,30 @@ class ChatRenderer:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _encode(self, text: str) -> list[int]:
+        """Ids of template text: the markers in it become special tokens (message text never reaches here)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _encode_tuple(self, text: str) -> tuple[int, ...]:
-        return tuple(self._encode(text))
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of text taken as characters only: a special token's text here is just text."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def _encode_with_contents(self, text: str, contents: tuple[str, ...]) -> list[int]:
+        """Ids of template output ``text`` whose placeholders stand for ``contents``: markers special, the rest plain.
+
+        Each run of text between two markers, message text included, is tokenized as one piece, as the
+        tokenizer would have done with the message text in place; only its special-token parsing is off.
+        """
+        pieces = self._marker_pattern.split(text) if self._marker_pattern else [text]
+        ids: list[int] = []
+        for position, piece in enumerate(pieces):
+            if position % 2 == 1:  # a marker the template wrote
+                ids.append(self.marker_ids[piece])
+            elif piece:
+                ids.extend(self._encode_plain(_PLACEHOLDER_PATTERN.sub(lambda match: contents[int(match.group(1))], piece)))
+        return ids
+
+    def _encode_tuple(self, text: str, contents: tuple[str, ...] = ()) -> tuple[int, ...]:
+        return tuple(self._encode_with_contents(text, contents))
 
     def _reply_suffix_ids(self, reply_ids: list[int]) -> list[int]:
         suffix = self.reply_suffix_text
@@ -60,16 +93,33 @@ class ChatRenderer:
                 suffix = suffix[len(eos_text):]
         return list(self._encode_cached(suffix))
 
+    def _does_not_fit(self, head: list[Message], needed: int, max_prompt_tokens: int) -> str:
+        """Why the system prompt and the new message alone do not fit, blaming the one that does not."""
+        fixed = len(self.render(head + [Message("user", "")]))  # the system prompt and the template, no message text
+        room = "a prompt holds at most {:,} tokens here (max_tokens_per_session, less room for the reply)".format(max_prompt_tokens)
+        if fixed >= max_prompt_tokens:
+            if head:
+                return (f"The system prompt is too long: it takes {fixed:,} tokens and {room}, which leaves no room for "
+                        f"a message. Shorten the system prompt (start a new tab with a shorter one), or raise "
+                        f"max_tokens_per_session.")
+            return f"max_tokens_per_session is too small: the chat template alone takes {fixed:,} tokens and {room}. Raise it."
+        message_tokens = needed - fixed
+        left = max_prompt_tokens - fixed
+        after_system = " after the system prompt" if head else ""
+        return (f"This message is too long: it takes {message_tokens:,} tokens and {left:,} are left{after_system} "
+                f"({room}). Shorten it, or raise max_tokens_per_session.")
+
     def render(self, messages: list[Message]) -> list[int]:
         """Token ids of ``messages`` followed by the generation prompt."""
-        as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+        as_dicts = [{"role": m.role, "content": _PLACEHOLDER.format(index)} for index, m in enumerate(messages)]
+        contents = tuple(m.content for m in messages)
         ids: list[int] = []
         previous_text = ""
         for index, message in enumerate(messages):
             text = self._template(as_dicts[: index + 1], add_generation_prompt=False)
             if not text.startswith(previous_text):
                 # a template that rewrites earlier text: fall back to tokenizing the whole conversation
-                return self._encode(self._template(as_dicts, add_generation_prompt=True))
+                return self._encode_with_contents(self._template(as_dicts, add_generation_prompt=True), contents)
             segment = text[len(previous_text):]
             previous_text = text
             if message.role == "assistant" and message.token_ids is not None:
@@ -77,12 +127,22 @@ class ChatRenderer:
                 ids.extend(message.token_ids)
                 ids.extend(self._reply_suffix_ids(message.token_ids))
             else:
-                ids.extend(self._encode_cached(segment))
+                # keyed by the segment with its placeholder and the one text it stands for: reused across turns
+                others = {int(number) for number in _PLACEHOLDER_PATTERN.findall(segment)} - {index}
+                if others:  # a template that repeats another message's text here
+                    ids.extend(self._encode_with_contents(segment, contents))
+                else:
+                    own = _PLACEHOLDER.format(index)
+                    ids.extend(self._encode_cached(segment.replace(own, _PLACEHOLDER.format(0)), (message.content,)))
         ids.extend(self.generation_prompt_ids)
         return ids
 
     def fit(self, messages: list[Message], max_prompt_tokens: int) -> RenderedPrompt:
-        """Render, dropping the oldest turns (never the system prompt, never the new message) until it fits."""
+        """Render, dropping the oldest turns (never the system prompt, never the new message) until it fits.
+
+        Raises ``EngineError`` when even the system prompt and the new message alone do not fit; its
+        message names which of the two is too long and by how many tokens.
+        """
         head = [m for m in messages[:1] if m.role == "system"]
         body = messages[len(head):]
         dropped = 0
@@ -91,10 +151,7 @@ class ChatRenderer:
             if len(ids) <= max_prompt_tokens:
                 return RenderedPrompt(ids, dropped)
             if len(body) <= 1:
-                raise EngineError(
-                    f"This message is too long: the prompt needs {len(ids):,} tokens but a conversation holds at most "
-                    f"{max_prompt_tokens:,} here. Shorten it, or raise max_tokens_per_session."
-                )
+                raise EngineError(self._does_not_fit(head, len(ids), max_prompt_tokens))
             # drop the oldest user message and the replies that follow it, up to the next user message
             cut = 1
             while cut < len(body) - 1 and body[cut].role != "user":

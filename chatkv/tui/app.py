@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from textual.app import App, ComposeResult
+from textual.command import CommandPalette
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import ModalScreen
@@ -20,9 +21,10 @@ from textual.widgets import Footer, Header
 
 from chatkv.config import Settings
 from chatkv.conversation import Conversation, new_session_id
+from chatkv.crash import write_crash_log
 from chatkv.engine.api import Sampling
 from chatkv.store import ConversationStore, StoreError
-from chatkv.tui.commands import ChatCommands
+from chatkv.tui.commands import ChatCommands, ThemeCommands
 from chatkv.tui.screens.confirm_close import CloseChoice, ConfirmCloseScreen
 from chatkv.tui.screens.new_tab import NewTabRequest, NewTabScreen
 from chatkv.tui.screens.rename_tab import RenameTabScreen
@@ -54,9 +56,14 @@ class AppOptions:
 class ChatApp(App[int]):
     TITLE = "chatkv"
     COMMANDS = App.COMMANDS | {ChatCommands}
+    # Text fields and lists never get narrower than a few cells, in our screens and in the palette: at 0 cells
+    # wide a placeholder cannot be wrapped and Textual raises. Narrower than that, they are clipped.
+    # The stats panel leaves the chat at least half the width, however narrow the terminal.
     CSS = """
     #main { height: 1fr; }
-    #main > StatsPanel { dock: right; }
+    #main > StatsPanel { dock: right; max-width: 50%; }
+    TextArea, Input { min-width: 10; }
+    OptionList { min-width: 16; }
     """
     BINDINGS = [
         Binding("ctrl+t", "new_tab", "New tab", id="new_tab"),
@@ -86,6 +93,10 @@ class ChatApp(App[int]):
         self._event_loop: asyncio.AbstractEventLoop | None = None
         # told of every problem the user is shown (headless mode turns them into error events): (session id or None, message)
         self.problem_listeners: list[Callable[[str | None, str], None]] = []
+        # set by the first uncaught error: the error, its log file, and the sessions whose KV to snapshot on the way out
+        self.crash: BaseException | None = None
+        self.crash_log: Path | None = None
+        self.crash_session_ids: list[str] = []
 
     # layout --------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -371,6 +382,10 @@ class ChatApp(App[int]):
         self.stats_panel.display = not self.stats_panel.display
         self.refresh_stats(force=True)
 
+    def search_themes(self) -> None:
+        """The palette's 'Theme' command: Textual's theme list, with user theme names shown literally."""
+        self.push_screen(CommandPalette(providers=[ThemeCommands], placeholder="Search for themes…"))
+
     async def action_save_snapshots(self) -> None:
         if getattr(self.engine, "models", None) is not None:  # a remote server (--backend) holds the KV
             self.notify("The server holds the KV cache; chatkv has none to save. Conversations are saved as you go.")
@@ -387,6 +402,41 @@ class ChatApp(App[int]):
             await asyncio.wait([asyncio.create_task(tab.wait_for_turn()) for tab in running], timeout=5)
         await asyncio.to_thread(self.engine.snapshot, self.persisted_session_ids())
         self.exit(0)
+
+    def _handle_exception(self, error: Exception) -> None:
+        """Textual's hook for an uncaught error: log the traceback to a file and save every conversation.
+
+        Textual then exits the app with return code 1. Its own traceback, printed to the terminal on the
+        way out, is dropped: the caller prints one line naming the log file (``chatkv.crash``).
+        """
+        if self.crash is None:
+            self.crash = error
+            self.crash_log = write_crash_log(self.store.paths.data, error)
+            self.crash_session_ids = self._save_all_after_crash()
+        super()._handle_exception(error)
+        self._exit_renderables.clear()
+
+    def _save_all_after_crash(self) -> list[str]:
+        """Save each open conversation as it stands; the ids of those persisted (their KV is snapshotted later)."""
+        saved: list[str] = []
+        try:
+            tabs = self.chat_tabs.chat_tabs
+        except Exception:  # the widget tree itself may be what broke
+            return saved
+        for tab in tabs:
+            if not tab.persisted:
+                continue
+            try:
+                self.store.save(tab.conversation)
+                saved.append(tab.session_id)
+            except Exception:  # one conversation that cannot be saved must not stop the others
+                continue
+        return saved
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        """Every notification shows its text literally: messages quote names, paths and errors that may hold ``[``."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def report_from_engine(self, message: str) -> None:
         """The engine's notes (a snapshot ignored, say) arrive on its thread; never block it on the UI."""

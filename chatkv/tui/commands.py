@@ -1,6 +1,8 @@
 """The command palette's chatkv commands: every app action, a 'Switch to' per open tab, a 'Reopen' per closed conversation.
 
-Theme switching is Textual's own 'Theme' command; the app remembers whatever it picks.
+Theme switching is Textual's 'Theme' command, with ``ThemeCommands`` listing the themes (a user theme's
+name is shown literally); the app remembers whatever it picks. Names in prompts and help lines are
+never parsed as markup (``chatkv.tui.literal_text``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from textual.content import Content
 from textual.fuzzy import Matcher
 
 from chatkv.conversation import Conversation
+from chatkv.tui.literal_text import literal_markup
 
 if TYPE_CHECKING:
     from chatkv.tui.app import ChatApp
@@ -73,11 +76,33 @@ class ChatCommands(Provider):
 
     async def discover(self) -> Hits:
         for command in self.commands():
-            yield DiscoveryHit(Content(command.name), command.run, text=command.name, help=command.help)
+            yield DiscoveryHit(Content(command.name), command.run, text=command.name, help=literal_markup(command.help))
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
         for command in self.commands():
             score = matcher.match(command.name)
             if score > 0:
-                yield Hit(score, highlight_literally(matcher, command.name), command.run, text=command.name, help=command.help)
+                yield Hit(score, highlight_literally(matcher, command.name), command.run, text=command.name,
+                          help=literal_markup(command.help))
+
+
+class ThemeCommands(Provider):
+    """Every registered theme by name, as Textual's theme list, but with names shown as written."""
+
+    def themes(self) -> list[str]:
+        return sorted(self.app.available_themes)
+
+    def use(self, name: str) -> None:
+        self.app.theme = name
+
+    async def discover(self) -> Hits:
+        for name in self.themes():
+            yield DiscoveryHit(Content(name), partial(self.use, name), text=name)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name in self.themes():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, highlight_literally(matcher, name), partial(self.use, name), text=name)

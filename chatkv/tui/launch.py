@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from chatkv.crash import CRASH_EXIT_CODE, crash_summary
 from chatkv.engine.api import EngineError
 from chatkv.lock import DataDirLocked
 from chatkv.model.loader import ModelError
@@ -47,7 +48,19 @@ def run_tui(context) -> int:
             notes.app = app
             code = app.run()
             notes.app = None
+            if app.crash is not None:
+                snapshot_after_crash(runtime.engine, app.crash_session_ids)
+                say(crash_summary(app.crash, app.crash_log))
+                return CRASH_EXIT_CODE
     except (DataDirLocked, ModelError, EngineError) as exc:  # each carries a message for the user
         say(str(exc))
         return 1
-    return code or 0
+    return code or app.return_code or 0
+
+
+def snapshot_after_crash(engine, session_ids: list[str]) -> None:
+    """Write the KV snapshots the app would have written on quit, where the engine can still do it."""
+    try:
+        engine.snapshot(session_ids)
+    except Exception:  # the crash is already being reported; a snapshot is only a speed-up for the next launch
+        pass

@@ -3,8 +3,11 @@
 A reply may contain escape sequences (ESC [ 31 m ...) or other control bytes. Written to the
 terminal as they are, they would recolour, move the cursor or retitle the window, so every control
 character except newline and tab is replaced by a visible stand-in: C0 controls by their Unicode
-"control picture" (ESC shows as ␛), DEL as ␡, C1 controls as ``\\x9b``-style text. Textual and Rich
-markup need nothing here: the chat view never parses markup.
+"control picture" (ESC shows as ␛), DEL as ␡, C1 controls as ``\\x9b``-style text.
+
+Text that a user, the model or a file supplies is never parsed as Textual markup: widgets get it as
+``Content(text)``, notifications are always literal (``ChatApp.notify``), and the few Textual APIs
+that only take a markup string (the command palette's help line) get ``literal_markup(text)``.
 """
 
 from __future__ import annotations
@@ -30,3 +33,12 @@ _TRANSLATION = {
 def visible(text: str) -> str:
     """``text`` with every control character except newline and tab replaced by a visible stand-in."""
     return text.translate(_TRANSLATION)
+
+
+def literal_markup(text: str) -> str:
+    """Textual markup that renders exactly as ``text``: every ``[`` is escaped, so no tag can open or close.
+
+    ``textual.markup.escape`` leaves some text that still parses or changes (an unterminated ``[/``,
+    a trailing backslash); escaping every ``[`` leaves none.
+    """
+    return text.replace("[", "\\[")
