@@ -5,6 +5,7 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Label
 
@@ -36,7 +37,7 @@ class EditMessageScreen(ModalScreen[str | None]):
         later = (f" The {self.later_messages} message(s) after it leave this conversation (fork first to keep them)."
                  if self.later_messages else "")
         with Vertical():
-            yield Label(f"Edit and resend: Enter sends, Ctrl+J adds a line, Esc cancels.{later}")
+            yield Label(Content(f"Edit and resend: Enter sends, Ctrl+J adds a line, Esc cancels.{later}"))
             yield PromptInput(id="edited")
 
     def on_mount(self) -> None:
