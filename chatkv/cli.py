@@ -42,7 +42,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="model: a transformers folder, a .gguf file or a hub id (default: SmolLM2-135M-Instruct)")
     group.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="default auto: bf16 where the CPU has native bf16")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    group.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    group.add_argument("--threads", type=int, help="torch threads (default: one per core, one on a machine of two cores or fewer)")
+    group.add_argument("--quant", choices=["auto", "none", "int8", "int4"],
+                       help="weight quantization (default auto: int4 in bf16 on CPU; float32 runs unquantized, the exact mode)")
 
 
 def _add_engine(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", dest="json_path", help="write the results as JSON to this file")
     bench.add_argument("--plot", dest="plot_path", help="draw charts to this PNG file (needs chatkv[plot])")
     bench.add_argument("--no-check", action="store_true", help="skip the fp32 exactness check before timing")
+    bench.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench for the speed scenario (default: on PATH)")
     return parser
 
 
@@ -142,6 +145,8 @@ def apply_flags(settings: Settings, args: argparse.Namespace) -> None:
         settings.model.device = args.device
     if given("threads"):
         settings.model.threads = args.threads
+    if given("quant"):
+        settings.model.quant = args.quant
     if given("no_cache"):
         settings.kv.enabled = False
     for flag, section, field_name in (

@@ -62,7 +62,8 @@ class ModelOptions:
     model: str = "smollm2"
     dtype: str = "auto"
     device: str = "auto"
-    threads: int = 0  # 0: torch's default
+    threads: int = 0  # 0: chatkv's thread policy (chatkv.threads)
+    quant: str = "auto"  # auto | none | int8 | int4 weights (auto: int4 in bf16 on CPU, none in fp32)
 
 
 @dataclass
@@ -136,6 +137,7 @@ _SIZE_FIELDS = {"max_bytes_total", "max_disk_bytes"}
 _CHOICES = {
     ("model", "dtype"): ("auto", "bfloat16", "float32"),
     ("model", "device"): ("auto", "cpu", "cuda"),
+    ("model", "quant"): ("auto", "none", "int8", "int4"),
     ("ui", "stats_panel"): ("auto", "show", "hide"),
 }
 # counts where 0 would leave the engine unable to take a single turn

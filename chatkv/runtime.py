@@ -48,7 +48,8 @@ def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Lo
         model = settings.model
         progress(f"loading {model.model} (the first launch downloads and converts it: about half a minute)…")
         ensure_private_dir(paths.cache)
-        bundle = load_model(model.model, ensure_private_dir(paths.models), model.dtype, model.device, progress=progress)
+        bundle = load_model(model.model, ensure_private_dir(paths.models), model.dtype, model.device, progress=progress,
+                            quant=model.quant)
         progress(f"{bundle.model_id} ready ({bundle.fingerprint.dtype}, {bundle.device}, loaded in {bundle.load_seconds:.1f} s)")
         engine = Engine(bundle, settings, snapshot_dir=paths.snapshots, log=engine_log).start()
         try:

@@ -35,8 +35,11 @@ def real_bundle(smollm2_dir: Path, models_dir: Path) -> ModelBundle:
     return load_model(DEFAULT_MODEL, models_dir, dtype="float32", device="cpu")
 
 
-def make_tiny_bundle(tokenizer) -> ModelBundle:
+def make_tiny_bundle(tokenizer, quant: str = "none") -> ModelBundle:
+    """The engine runs its lean forward (weights fused; quantized unless ``quant`` is none), as for the real model."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatkv.model.lean_llama import LeanLlama
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -55,8 +58,10 @@ def make_tiny_bundle(tokenizer) -> ModelBundle:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32).eval().requires_grad_(False)
-    fingerprint = Fingerprint("tiny-random-llama", config_hash(config), "float32")
-    return ModelBundle(model, tokenizer, fingerprint, torch.float32, torch.device("cpu"), 0.0)
+    weights = "float32" if quant == "none" else f"float32+{quant}"
+    fingerprint = Fingerprint("tiny-random-llama", config_hash(config), weights)
+    lean = LeanLlama(model, quant, torch.float32)
+    return ModelBundle(model, tokenizer, fingerprint, torch.float32, torch.device("cpu"), 0.0, lean=lean, quant=quant)
 
 
 @pytest.fixture(scope="session")

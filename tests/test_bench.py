@@ -186,3 +186,33 @@ def test_branching_turns_prefill_only_what_follows_their_shared_prefix(bench_run
     memory = figures["memory"]
     assert memory["parent_bytes"] < memory["parent_and_3_forks_bytes"] and memory["fork_copied_bytes"] > 0
     assert memory["4_independent_copies_bytes"] > memory["parent_bytes"]
+
+
+@pytest.mark.real_model
+def test_speed_puts_chatkv_beside_generate_and_llama_cpp_or_says_why_not(bench_run: tuple[dict, str]) -> None:
+    speed = bench_run[0]["scenarios"]["speed"]
+    figures = speed["figures"]
+    assert _positive(figures["chatkv"]["decode_tok_s"], figures["generate"]["decode_tok_s"])
+    assert figures["comparison"]["chatkv_vs_generate"] > 0
+    if figures["llama_cpp"]:
+        assert _positive(figures["llama_cpp"]["tg_tok_s"], figures["comparison"]["chatkv_vs_llama_cpp"])
+    else:
+        assert any("llama" in note for note in speed["notes"])
+        assert "llama.cpp" in bench_run[1] and "not run" in bench_run[1]
+
+
+def test_speed_finds_no_llama_bench_where_the_path_given_is_missing(tmp_path: Path) -> None:
+    from chatkv.bench.scenarios.speed import find_llama_bench
+
+    assert find_llama_bench(str(tmp_path / "llama-bench")) is None
+    given = tmp_path / "llama-bench"
+    given.write_text("")
+    assert find_llama_bench(str(given)) == given
+
+
+@pytest.mark.real_model
+def test_contention_measures_quiet_and_busy_with_the_thread_policy(bench_run: tuple[dict, str]) -> None:
+    contention = bench_run[0]["scenarios"]["contention"]
+    chatkv = contention["figures"]["chatkv"]
+    assert _positive(chatkv["quiet_tok_s"], chatkv["busy_tok_s"], chatkv["busy_all_cores_tok_s"])
+    assert contention["parameters"]["policy_threads"] == max(1, contention["parameters"]["cores"] - 1)

@@ -264,3 +264,13 @@ def test_memory_bar_cells(current: int, peak: int, budget: int, cells: tuple[int
     bar = MemoryBar()
     bar.set_usage(current, peak, budget)
     assert bar.cells(20) == cells
+
+
+async def test_decode_section_says_how_many_threads_and_which_weights_the_engine_uses() -> None:
+    app = PanelApp()
+    async with app.run_test(size=(50, 50)):
+        panel = app.query_one(StatsPanel)
+        panel.show_stats(EngineStats(threads=1, weights="bfloat16+int4"), None)
+        assert "1 thread · bfloat16+int4" in section_text(panel, "decode")
+        panel.show_stats(EngineStats(threads=3, weights="float32"), None)
+        assert "3 threads · float32" in section_text(panel, "decode")

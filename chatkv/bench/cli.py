@@ -86,7 +86,7 @@ def _command_line(args: Any) -> str:
     for flag, given in (("--quick", args.quick), ("--no-check", args.no_check)):
         if given:
             parts.append(flag)
-    for flag in ("model", "dtype", "device", "threads"):
+    for flag in ("model", "dtype", "device", "threads", "quant"):
         value = getattr(args, flag, None)
         if value:
             parts.extend([f"--{flag}", str(value)])
@@ -101,22 +101,25 @@ def _make_context(context: Any, progress: Progress) -> BenchContext | None:
     from chatkv.model.source import ModelSourceError
     from chatkv.paths import ensure_private_dir
 
+    from chatkv.engine.threads import engine_threads
+
     settings = context.settings
-    if settings.model.threads:
-        torch.set_num_threads(settings.model.threads)
+    torch.set_num_threads(engine_threads(settings.model.threads))  # baselines and engine on the same count
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the progress lines
     models_dir = ensure_private_dir(context.paths.models)
     spec = settings.model.model
     progress(f"loading {spec} ({settings.model.dtype} dtype)")
     try:
-        bundle = load_model(spec, models_dir, settings.model.dtype, settings.model.device, progress=progress)
+        bundle = load_model(spec, models_dir, settings.model.dtype, settings.model.device, progress=progress,
+                            quant=settings.model.quant)
     except (ModelError, ModelSourceError) as exc:
         print(f"chatkv: {exc}", file=sys.stderr)
         return None
     progress(f"loaded {bundle.model_id} in {bundle.load_seconds:.1f} s ({bundle.fingerprint.dtype}, "
              f"{torch.get_num_threads()} threads)")
     return BenchContext(bundle=bundle, settings=settings, sizes=choose_sizes(context.args.quick),
-                        check=not context.args.no_check, progress=progress, models_dir=models_dir, model_spec=spec)
+                        check=not context.args.no_check, progress=progress, models_dir=models_dir, model_spec=spec,
+                        llama_bench=getattr(context.args, "llama_bench", None))
 
 
 def _run_one(name: str, ctx: BenchContext) -> ScenarioResult:

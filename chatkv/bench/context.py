@@ -27,6 +27,7 @@ class BenchContext:
     progress: Callable[[str], None]
     models_dir: Path
     model_spec: str
+    llama_bench: str | None = None  # --llama-bench PATH, for the speed scenario
     _fp32_bundle: Any = field(default=None, repr=False)
 
     def engine_settings(self, **batching: Any) -> Settings:

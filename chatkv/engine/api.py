@@ -138,6 +138,8 @@ class EngineStats:
     forks: int = 0
     fork_copied_tokens: int = 0
     fork_copied_bytes: int = 0
+    threads: int = 0  # torch threads the engine computes with
+    weights: str = ""  # the model's dtype and weight quantization, e.g. "bfloat16+int4"
     # a remote backend's server-wide figures (chatkv.remote.server_metrics.ServerReport); None for the local engine
     server: Any = None
 

@@ -38,6 +38,7 @@ from chatkv.engine.runner import ModelRunner
 from chatkv.engine.sampler import make_generator, next_token
 from chatkv.engine.scheduler import PlannedSegment, Scheduler
 from chatkv.engine.snapshot import SnapshotStore, matches_prompt
+from chatkv.engine.threads import engine_threads
 from chatkv.engine.turn import Turn, TurnState
 from chatkv.model.loader import ModelBundle
 from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
@@ -79,6 +80,7 @@ class Engine:
         self.eos_ids = eos_token_ids(bundle)
         self.renderer = ChatRenderer(bundle.tokenizer, self.eos_ids)
         self.runner = ModelRunner(bundle)
+        self.threads = engine_threads(self.settings.model.threads)
         self.context_limit = min(self.kv_options.max_tokens_per_session, bundle.max_context)
         self.snapshots = self._open_snapshots(snapshot_dir)
         self.store = KvStore(
@@ -239,6 +241,8 @@ class Engine:
                 forks=metrics.forks,
                 fork_copied_tokens=metrics.fork_copied_tokens,
                 fork_copied_bytes=metrics.fork_copied_bytes,
+                threads=self.threads,
+                weights=self.bundle.fingerprint.dtype,
             )
 
     def session_stats(self, session_id: str) -> SessionStats:
@@ -262,6 +266,9 @@ class Engine:
 
     # the engine thread -------------------------------------------------------------------------
     def _serve(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)  # the thread that calls into torch owns its OpenMP pool
         try:
             self._serve_until_stopped()
         except BaseException as exc:  # a bug in the engine itself: fail every turn instead of hanging them
@@ -294,6 +301,9 @@ class Engine:
         """
         if self._thread is not None:
             raise RuntimeError("drain() is for an engine that was not started")
+        import torch
+
+        torch.set_num_threads(self.threads)
         while self.scheduler.has_work():
             self._step()
 

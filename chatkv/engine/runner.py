@@ -16,8 +16,8 @@ def kv_layout_of(config) -> KvLayout:
 
 class ModelRunner:
     def __init__(self, bundle: ModelBundle) -> None:
-        self.model = bundle.model
-        use_packed_attention(self.model)
+        use_packed_attention(bundle.model)
+        self.model = bundle.engine_model  # the lean Llama forward where there is one
         self.device = bundle.device
         self.layout = kv_layout_of(bundle.model.config)
         self.tokens_fed = 0  # every token that went through the model: tests check reuse against it

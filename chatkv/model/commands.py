@@ -19,7 +19,8 @@ def run_model_command(context) -> int:
             source = resolve(spec, models_dir)
             print(f"{source.model_id} is ready in {source.path} ({time.perf_counter() - started:.1f} s)")
             return 0
-        bundle = load_model(spec, models_dir, context.settings.model.dtype, context.settings.model.device)
+        bundle = load_model(spec, models_dir, context.settings.model.dtype, context.settings.model.device,
+                            quant=context.settings.model.quant)
     except (ModelError, ModelSourceError) as exc:
         print(f"chatkv: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,11 @@
 """Load a model and its tokenizer with the chosen dtype and device, and fingerprint it.
 
-The fingerprint (model id, config hash, dtype) says which model a KV cache belongs to: a snapshot
-written under one fingerprint is never restored under another.
+The fingerprint (model id, config hash, dtype with its weight quantization) says which model a KV
+cache belongs to: a snapshot written under one fingerprint is never restored under another.
+
+Llama-family models also get a ``LeanLlama`` (fused, optionally int8/int4 weights) that the engine
+runs; the transformers model stays beside it for ``generate``, the baselines and other architectures.
+Quantized weights are computed once and cached under ``models_dir/quantized``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,18 @@ class ModelBundle:
     dtype: torch.dtype
     device: torch.device
     load_seconds: float
+    lean: Any = None  # chatkv.model.lean_llama.LeanLlama where the architecture allows; the engine runs it
+    quant: str = "none"  # weight quantization of ``lean``: none, int8 or int4
+
+    @property
+    def engine_model(self) -> Any:
+        """What the engine runs: the lean forward where there is one, else the transformers model."""
+        return self.lean if self.lean is not None else self.model
+
+    @property
+    def reference_model(self) -> Any:
+        """The full-recompute reference with the engine's own weights: transformers unless quantized."""
+        return self.lean if self.quant != "none" else self.model
 
     @property
     def model_id(self) -> str:
@@ -102,6 +118,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+QUANT_CHOICES = ("auto", "none", "int8", "int4")
+AUTO_QUANT = "int4"  # chosen by measurement: see docs/benchmarks.md, "Weights"
+
+
+def choose_quant(quant: str, dtype: torch.dtype, device: torch.device, config: Any) -> str:
+    """``auto``: int4 on CPU in bf16 for Llama-family models; fp32 stays unquantized, the exact reference mode."""
+    from chatkv.model.lean_llama import lean_supported
+
+    if quant not in QUANT_CHOICES:
+        raise ModelError(f"Unknown quantization {quant!r}: choose auto, none, int8 or int4.")
+    if quant == "auto":
+        return AUTO_QUANT if device.type == "cpu" and dtype == torch.bfloat16 and lean_supported(config) else "none"
+    if quant != "none":
+        if device.type != "cpu":
+            raise ModelError(f"--quant {quant} uses torch's CPU kernels; use --quant none with --device cuda.")
+        if not lean_supported(config):
+            raise ModelError(f"--quant {quant} is available for Llama-family models only; use --quant none for this one.")
+    return quant
+
+
 def load_model(
     spec: str,
     models_dir: Path,
@@ -109,7 +145,9 @@ def load_model(
     device: str = "auto",
     progress: Progress = _print_progress,
     allow_pull: bool = True,
+    quant: str = "none",
 ) -> ModelBundle:
+    """Load ``spec`` (see ``source.resolve``); ``quant`` is auto, none, int8 or int4. Raises ``ModelError``."""
     started = time.perf_counter()
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
@@ -126,8 +164,28 @@ def load_model(
     model.requires_grad_(False)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelError(f"{source.model_id} has no chat template in its tokenizer; chatkv needs a chat model.")
-    fingerprint = Fingerprint(source.model_id, config_hash(model.config), dtype_name(torch_dtype))
-    return ModelBundle(model, tokenizer, fingerprint, torch_dtype, torch_device, time.perf_counter() - started)
+    chosen = choose_quant(quant, torch_dtype, torch_device, model.config)
+    lean = _lean_model(model, chosen, torch_dtype, torch_device, source, models_dir, progress)
+    weights = dtype_name(torch_dtype) if chosen == "none" else f"{dtype_name(torch_dtype)}+{chosen}"
+    fingerprint = Fingerprint(source.model_id, config_hash(model.config), weights)
+    return ModelBundle(model, tokenizer, fingerprint, torch_dtype, torch_device, time.perf_counter() - started,
+                       lean=lean, quant=chosen)
+
+
+def _lean_model(model: Any, quant: str, dtype: torch.dtype, device: torch.device, source: ModelSource,
+                models_dir: Path, progress: Progress) -> Any:
+    from chatkv.model.lean_llama import LeanLlama, QuantError, lean_supported
+    from chatkv.model.quant_cache import load_or_quantize
+
+    if not lean_supported(model.config):
+        return None
+    try:
+        tensors = None
+        if quant != "none":
+            tensors = load_or_quantize(model, quant, source, config_hash(model.config), models_dir / "quantized", progress)
+        return LeanLlama(model, quant, dtype, tensors)
+    except (QuantError, RuntimeError) as exc:
+        raise ModelError(f"Could not prepare {quant} weights for {source.model_id}: {exc}. Try --quant none.") from None
 
 
 def _from_pretrained(source: ModelSource, torch_dtype: torch.dtype):

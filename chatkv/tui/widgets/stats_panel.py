@@ -61,7 +61,10 @@ def memory_lines(stats: EngineStats) -> list[Line]:
 def decode_lines(stats: EngineStats) -> list[Line]:
     # The sparkline below this line is Textual's: it scales between the lowest and highest recent rate, so it
     # shows the shape of throughput over time while this figure gives its level.
-    return [("decode", format_rate(stats.decode_tok_s))]
+    lines = [("decode", format_rate(stats.decode_tok_s))]
+    if stats.threads:  # the local engine: how many threads compute, with which weights (a server does not say)
+        lines.append(("engine", f"{format_quantity(stats.threads, 'thread')} · {stats.weights or NO_VALUE}"))
+    return lines
 
 
 def prefill_lines(stats: EngineStats) -> list[Line]:
