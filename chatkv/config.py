@@ -38,6 +38,8 @@ class KvOptions:
     max_bytes_total: int = 1 * GIB
     policy: str = "lru"
     persist_across_requests: bool = True
+    # a prompt that starts with full KV blocks another session computed uses them instead of prefilling
+    share_prefixes: bool = True
 
 
 @dataclass
@@ -66,13 +68,32 @@ class ModelOptions:
     quant: str = "auto"  # auto | none | int8 | int4 weights (auto: int4 in bf16 on CPU, none in fp32)
 
 
+# Used where neither config.toml nor the model's generation config sets a value: SmolLM2's model card samples
+# with temperature 0.2 and top-p 0.9, and a mild repetition penalty (llama.cpp's and Ollama's 1.1) keeps a
+# small model from repeating one line until the token limit.
+SAMPLING_FALLBACK = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
+
+
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
+    # None: the model's generation config where it sets the value, else SAMPLING_FALLBACK. temperature 0 is greedy.
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
     max_time_ms: int = 0  # 0: no limit
     system_prompt: str = ""
+
+    def fill_sampling_defaults(self, model_defaults: dict[str, float]) -> None:
+        """Give every sampling value the config left unset the model's own (``ModelBundle.sampling_defaults``), else the fallback."""
+        for name, fallback in SAMPLING_FALLBACK.items():
+            if getattr(self, name) is None:
+                setattr(self, name, float(model_defaults.get(name, fallback)))
+
+    def sampling_value(self, name: str) -> float:
+        """``temperature``, ``top_p`` or ``repetition_penalty`` as a turn uses it: the setting, or the fallback while unset."""
+        value = getattr(self, name)
+        return SAMPLING_FALLBACK[name] if value is None else value
 
 
 @dataclass
@@ -140,6 +161,9 @@ _CHOICES = {
     ("model", "quant"): ("auto", "none", "int8", "int4"),
     ("ui", "stats_panel"): ("auto", "show", "hide"),
 }
+# settings whose default None means "decided later" (the model's generation config)
+_OPTIONAL_FLOATS = {("generation", "temperature"): float, ("generation", "top_p"): float,
+                    ("generation", "repetition_penalty"): float}
 # counts where 0 would leave the engine unable to take a single turn
 _AT_LEAST_ONE = {
     ("kv", "max_tokens_per_session"), ("kv", "max_sessions"),
@@ -157,7 +181,7 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
             return parse_size(value)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-    expected = type(default)
+    expected = _OPTIONAL_FLOATS.get((section, name), type(default)) if default is None else type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -172,6 +196,8 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{where}: must be above 0, got {value}")
     if (section, name) == ("generation", "top_p") and not 0.0 < value <= 1.0:
         raise ConfigError(f"{where}: must be above 0 and at most 1, got {value}")
+    if (section, name) == ("generation", "repetition_penalty") and value <= 0:
+        raise ConfigError(f"{where}: must be above 0 (1 is off), got {value}")
     choices = _CHOICES.get((section, name))
     if choices and value not in choices:
         raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")

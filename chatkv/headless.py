@@ -23,7 +23,7 @@ from chatkv.crash import CRASH_EXIT_CODE, crash_summary
 from chatkv.engine.api import EngineError, EngineStats, Sampling, TurnResult
 from chatkv.headless_script import Op, ScriptError, parse_line
 from chatkv.lock import DataDirLocked
-from chatkv.model.loader import ModelError
+from chatkv.model.errors import ModelError
 from chatkv.runtime import open_runtime
 from chatkv.session_id import is_valid_session_id
 from chatkv.store import SessionNotFound, StoreError
@@ -31,11 +31,14 @@ from chatkv.tui.app import AppOptions, ChatApp, make_app
 from chatkv.tui.widgets.chat_tab import ChatTab, TurnRefused
 
 STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hit_rate", "evictions", "reused_tokens",
-                "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s")
+                "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s",
+                # prefix sharing (paged KV): reuse split by where it came from, and what sharing saves right now
+                "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved")
 LOCAL_ONLY_STATS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "evictions", "avg_batch_size",
-                    "queue_depth", "prefill_tok_s")
+                    "queue_depth", "prefill_tok_s",
+                    "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved")
 TURN_FIELDS = ("prompt_tokens", "reused_tokens", "reused_from", "prefilled_tokens", "new_tokens", "ttft_ms",
-               "decode_tok_s", "batch_size", "finish_reason", "dropped_messages")
+               "decode_tok_s", "batch_size", "finish_reason", "dropped_messages", "shared_tokens", "shared_from")
 
 
 def say(message: str) -> None:
@@ -61,9 +64,10 @@ class EventWriter:
     def turn(self, tab: str, turn: int, result: TurnResult, trace: bool) -> None:
         event = {"event": "turn", "tab": tab, "turn": turn, "reply": result.reply}
         event.update({field: getattr(result, field) for field in TURN_FIELDS})
-        if result.shared_tokens:  # a fork's first turn: how much of the reuse came from the tab it was forked from
-            event["shared_tokens"] = result.shared_tokens
+        if result.shared_from is not None:  # the session whose KV this turn shared (a fork's parent): the script's name
             event["shared_from"] = self.tab_names.get(result.shared_from, result.shared_from)
+        if result.reused_from == "server":
+            event["shared_tokens"] = None  # which of its cached tokens a server shared between requests is not reported
         if trace:
             event["prompt_ids"] = list(result.prompt_ids)
             event["reply_ids"] = list(result.reply_ids)
@@ -189,6 +193,7 @@ class ScriptRunner:
             max_new_tokens=op.max_new_tokens or defaults.max_new_tokens,
             temperature=defaults.temperature if op.temperature is None else op.temperature,
             top_p=defaults.top_p,
+            repetition_penalty=defaults.repetition_penalty,
             max_time_ms=defaults.max_time_ms,
         )
         previous = self.turns.get(op.tab)

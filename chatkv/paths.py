@@ -79,3 +79,20 @@ def ensure_private_dir(path: Path) -> Path:
     except OSError:
         pass  # a folder we do not own (e.g. a shared mount) keeps its mode; writing still works or fails loudly
     return path
+
+
+def make_private_tree(root: Path) -> None:
+    """Folders under ``root`` (itself included) to 0700 and files to 0600, where they are not already.
+
+    For what other tools write with the umask's modes inside our folders: transformers' ``save_pretrained``
+    and pip when the model is fetched and converted. Links are left alone; a file we may not change keeps its mode.
+    """
+    for folder, folder_names, file_names in os.walk(root):
+        entries = [(Path(folder), 0o700)] + [(Path(folder) / name, 0o600) for name in file_names]
+        for path, mode in entries:
+            try:
+                info = path.lstat()
+                if not path.is_symlink() and info.st_mode & 0o777 != mode:
+                    os.chmod(path, mode)
+            except OSError:
+                pass

@@ -1,20 +1,28 @@
 """What ``chatkv launch`` needs running, for the terminal UI and headless mode alike.
 
-In order: lock the data folder (one chatkv per folder), load the model (the first launch fetches and
-converts it), start the engine. On the way out the engine is closed and the lock released, however
-the app ended. With ``[backend] url`` (``--backend``) a ``RemoteBackend`` talking to that server takes
-the engine's place, and no model is loaded here.
+In order: lock the data folder (one chatkv per folder), find the model (the first launch fetches and
+converts it), then import torch, load the model and start the engine: every check that needs no model
+comes before the seconds torch takes. The terminal UI does the last step on a thread behind a
+``LoadingEngine``, so saved chats can be read while the model loads. On the way out the engine is
+closed and the lock released, however the app ended. With ``[backend] url`` (``--backend``) a
+``RemoteBackend`` talking to that server takes the engine's place, and no model is loaded here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 from chatkv.config import Settings
+from chatkv.engine.api import EngineError, EngineStats, SessionStats
 from chatkv.lock import DataDirLock
-from chatkv.paths import Paths, ensure_private_dir
+from chatkv.model.errors import ModelError
+from chatkv.model.source import ModelSourceError, resolve
+from chatkv.paths import Paths, ensure_private_dir, make_private_tree
 from chatkv.store import ConversationStore
 
 Log = Callable[[str], None]
@@ -29,6 +37,38 @@ class Runtime:
     notes: list[str] = field(default_factory=list)  # for the user once the app runs (a server not reachable, say)
 
 
+def find_model(settings: Settings, paths: Paths, progress: Log) -> Path:
+    """Resolve ``--model`` without torch (unless this launch fetches or converts it, which says so itself).
+
+    Returns the models folder; raises ``ModelError`` with a message for the user.
+    """
+    ensure_private_dir(paths.cache)
+    models_dir = ensure_private_dir(paths.models)
+    try:
+        resolve(settings.model.model, models_dir, progress)
+    except ModelSourceError as exc:
+        raise ModelError(str(exc)) from None
+    make_private_tree(models_dir)  # what transformers and pip wrote there has the umask's modes
+    return models_dir
+
+
+def start_engine(settings: Settings, paths: Paths, models_dir: Path, progress: Log, engine_log: Log):
+    """Import torch, load the model, start the engine (``chatkv.engine.Engine``); raises ``ModelError``."""
+    model = settings.model
+    progress(f"loading {model.model}…")
+    import torch
+
+    from chatkv.engine import Engine
+    from chatkv.model.loader import load_model
+
+    if model.threads > 0:
+        torch.set_num_threads(model.threads)
+    bundle = load_model(model.model, models_dir, model.dtype, model.device, progress=progress, quant=model.quant)
+    settings.generation.fill_sampling_defaults(bundle.sampling_defaults)
+    progress(f"{bundle.model_id} ready ({bundle.fingerprint.dtype}, {bundle.device}, loaded in {bundle.load_seconds:.1f} s)")
+    return Engine(bundle, settings, snapshot_dir=paths.snapshots, log=engine_log).start()
+
+
 @contextmanager
 def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Log) -> Iterator[Runtime]:
     """Raises ``DataDirLocked`` or ``ModelError`` (both with a message for the user) before anything runs."""
@@ -38,26 +78,87 @@ def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Lo
             with _remote_backend(settings, progress) as (backend, notes):
                 yield Runtime(settings, paths, ConversationStore(paths), backend, notes)
             return
-        import torch
-
-        from chatkv.engine import Engine
-        from chatkv.model.loader import load_model
-
-        if settings.model.threads > 0:
-            torch.set_num_threads(settings.model.threads)
-        model = settings.model
-        progress(f"loading {model.model} (the first launch downloads and converts it: about half a minute)…")
-        ensure_private_dir(paths.cache)
-        bundle = load_model(model.model, ensure_private_dir(paths.models), model.dtype, model.device, progress=progress,
-                            quant=model.quant)
-        progress(f"{bundle.model_id} ready ({bundle.fingerprint.dtype}, {bundle.device}, loaded in {bundle.load_seconds:.1f} s)")
-        engine = Engine(bundle, settings, snapshot_dir=paths.snapshots, log=engine_log).start()
+        models_dir = find_model(settings, paths, progress)
+        engine = start_engine(settings, paths, models_dir, progress, engine_log)
         try:
             yield Runtime(settings, paths, ConversationStore(paths), engine)
         finally:
             engine.close()
     finally:
         lock.release()
+
+
+class LoadingEngine:
+    """Stands in for the engine while a thread loads the model, so the chat shows saved conversations at once.
+
+    Every call the app makes is forwarded once the engine is there. Before that, figures are empty, a tab
+    awaits ``until_loaded`` before it submits, and ``submit`` raises ``EngineError`` saying why the model
+    failed to load, which the tab shows while it hands the message back. ``on_done(error)`` is called on the loading thread when the
+    load ends: ``error`` is None on success, else the message for the user.
+    """
+
+    def __init__(self, load: Callable[[], object], on_done: Callable[[str | None], None]) -> None:
+        self._load = load
+        self._on_done = on_done
+        self.engine = None  # chatkv.engine.Engine once loaded
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="chatkv-model-loader", daemon=True)
+
+    def start(self) -> "LoadingEngine":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._load()
+        except ModelError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - shown in the app, which stays open for reading old chats
+            self.error = f"the model could not be loaded: {type(exc).__name__}: {exc}"
+        self._on_done(self.error)
+
+    @property
+    def loading(self) -> bool:
+        return self.engine is None and self.error is None
+
+    async def until_loaded(self) -> None:
+        """Returns once the load has ended, either way (a tab's first message waits here)."""
+        if self.loading:
+            await asyncio.to_thread(self._thread.join)
+
+    def submit(self, session_id: str, messages, sampling=None):
+        if self.engine is not None:
+            return self.engine.submit(session_id, messages, sampling)
+        raise EngineError(self.error or "the model is still loading (the title bar says when it is ready)")
+
+    def cancel(self, session_id: str) -> bool:
+        return self.engine.cancel(session_id) if self.engine is not None else False
+
+    def forget(self, session_id: str) -> None:
+        if self.engine is not None:
+            self.engine.forget(session_id)
+
+    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
+        """Before the model is there nothing is cached: 0, and the fork's first turn computes its prompt."""
+        if self.engine is not None:
+            return self.engine.fork_kv(parent_session_id, child_session_id)
+        return 0
+
+    def snapshot(self, session_ids: list[str] | None = None) -> int:
+        return self.engine.snapshot(session_ids) if self.engine is not None else 0
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats() if self.engine is not None else EngineStats()
+
+    def session_stats(self, session_id: str) -> SessionStats | None:
+        return self.engine.session_stats(session_id) if self.engine is not None else None
+
+    def close(self) -> None:
+        """Wait for the load to end (torch cannot be stopped half-imported), then close the engine."""
+        if self._thread.ident is not None:  # started (the app may have ended before it was shown)
+            self._thread.join()
+        if self.engine is not None:
+            self.engine.close()
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import orjson
 
 from chatkv.atomic import write_bytes_atomic
-from chatkv.conversation import Conversation
+from chatkv.conversation import Conversation, Message
 from chatkv.lock import DataDirLock, DataDirLocked
 from chatkv.store import ConversationStore, StoreError, describe_os_error
 
@@ -153,7 +153,7 @@ def render_text(conversation: Conversation) -> str:
     if conversation.system:
         lines += ["--- System prompt ---", conversation.system, ""]
     for message in conversation.messages:
-        lines += [f"--- {ROLE_TITLES.get(message.role, message.role)} ---", message.content, ""]
+        lines += [f"--- {ROLE_TITLES.get(message.role, message.role)}{_stopped_note(message)} ---", message.content, ""]
     return "\n".join(lines)
 
 
@@ -171,8 +171,18 @@ def render_markdown(conversation: Conversation) -> str:
         parts += ["## System prompt", "", _fenced(conversation.system, "text"), ""]
     for message in conversation.messages:
         info = "markdown" if message.role == "assistant" else "text"
-        parts += [f"## {ROLE_TITLES.get(message.role, message.role)}", "", _fenced(message.content, info), ""]
+        parts += [f"## {ROLE_TITLES.get(message.role, message.role)}{_stopped_note(message)}", "",
+                  _fenced(message.content, info), ""]
     return "\n".join(parts)
+
+
+STOPPED_NOTES = {"cancelled": "stopped by the user", "length": "stopped at the token limit", "time": "stopped at the time limit"}
+
+
+def _stopped_note(message: Message) -> str:
+    """' (stopped by the user)' for a reply that did not end by itself, as the chat's reply footer says."""
+    note = STOPPED_NOTES.get((message.stats or {}).get("finish_reason", ""))
+    return f" ({note})" if message.role == "assistant" and note else ""
 
 
 def _fenced(text: str, info: str) -> str:

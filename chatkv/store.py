@@ -79,6 +79,9 @@ def describe_os_error(exc: OSError) -> str:
     return _SAVE_REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
 
 
+MIN_ID_PREFIX = 4  # as git: shorter starts match too much to mean one conversation
+
+
 class ConversationStore:
     def __init__(self, paths: Paths, *, max_file_bytes: int = MAX_FILE_BYTES):
         self.paths = paths
@@ -167,9 +170,10 @@ class ConversationStore:
             raise StoreError(self._set_aside(path, exc.reason)) from None
 
     def find(self, id_or_name: str, among: list[Conversation] | None = None) -> Conversation:
-        """By exact id, else by a name only one conversation has.
+        """By exact id, else by a name only one conversation has, else by a unique start of an id (as git takes commit ids).
 
         ``among``: conversations already loaded with ``load_all``, to avoid reading every file again.
+        Raises ``SessionNotFound``, or ``StoreError`` when the name or the start of an id fits several conversations.
         """
         conversations = among if among is not None else self.load_all()[0]
         for conversation in conversations:
@@ -184,6 +188,13 @@ class ConversationStore:
         if len(named) > 1:
             ids = ", ".join(conversation.id for conversation in named)
             raise StoreError(f"{len(named)} conversations are named {id_or_name!r} ({ids}); use the id instead.")
+        started = [conversation for conversation in conversations
+                   if len(id_or_name) >= MIN_ID_PREFIX and conversation.id.startswith(id_or_name)]
+        if len(started) == 1:
+            return started[0]
+        if len(started) > 1:
+            ids = ", ".join(conversation.id for conversation in started)
+            raise StoreError(f"{len(started)} conversations have ids starting with {id_or_name!r} ({ids}); give more of the id.")
         raise SessionNotFound(f"No saved conversation with the id or name {id_or_name!r}. 'chatkv sessions list' shows them.")
 
     def delete(self, session_id: str) -> None:

@@ -50,3 +50,6 @@ class StandInEngine:
 
     def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
         return 0
+
+    def close(self) -> None:
+        pass

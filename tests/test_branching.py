@@ -74,15 +74,22 @@ class FedCountingWriter(EventWriter):
         self.events.append(event)
 
 
+def greedy(settings: Settings) -> Settings:
+    """Temperature 0: these tests compare replies with greedy recomputation (the default samples)."""
+    settings.generation.temperature = 0.0
+    return settings
+
+
 async def run_script(bundle, data_dir: Path, lines: list[dict], settings: Settings | None = None):
     """Run a headless script in this process with ``--trace``; its events (turns carry "fed") and the engine."""
+    settings = settings or greedy(Settings())
     paths = Paths.resolve(data_dir)
-    engine = Engine(bundle, settings or Settings(), snapshot_dir=paths.snapshots).start()
+    engine = Engine(bundle, settings, snapshot_dir=paths.snapshots).start()
     try:
         writer = FedCountingWriter(engine)
         script = io.BytesIO(b"".join(orjson.dumps(line) + b"\n" for line in lines))
         runner = ScriptRunner(script, writer, stream_tokens=False, trace=True)
-        app = make_app(settings or Settings(), engine, ConversationStore(paths), paths.user_themes,
+        app = make_app(settings, engine, ConversationStore(paths), paths.user_themes,
                        AppOptions(restore_tabs=False, remember_layout=False))
         await app.run_async(headless=True, auto_pilot=runner)
         return writer.events, engine
@@ -141,7 +148,8 @@ async def test_regenerate_edit_and_fork_prefill_only_past_the_shared_prefix_and_
     assert forked["prompt_ids"][: len(history)] == history
     assert forked["prefilled_tokens"] <= forked["prompt_tokens"] - len(history) + 1
     assert forked["shared_from"] == "a" and forked["shared_tokens"] == forked["reused_tokens"]
-    assert engine.stats().forks == 1 and engine.stats().fork_copied_tokens > 0
+    stats = engine.stats()  # b shares a's full blocks instead of holding a copy of them
+    assert stats.shared_blocks > 0 and stats.reused_tokens_other_session >= forked["shared_tokens"]
 
     for turn in (regenerated, after_edit, forked):
         assert_fed_only_what_was_prefilled(turn)
@@ -197,14 +205,21 @@ async def test_a_fork_is_saved_with_its_origin_and_an_edit_saves_what_the_user_s
     assert fork.forked_from == ForkOrigin("a", "Plans", 2) and fork.name == "Plans (fork)"
 
 
-def test_fork_kv_copies_the_parents_kv_counting_its_bytes_and_the_first_turn_says_it_was_shared(tiny_bundle):
+def test_fork_kv_shares_the_parents_blocks_and_the_first_turn_says_it_was_shared(tiny_bundle):
     with Engine(tiny_bundle, Settings()) as engine:
         history: list = []
-        chat(engine, "parent", history, "hello there", max_new_tokens=4)
+        chat(engine, "parent", history, "hello there, tell me about the weather in the mountains today", max_new_tokens=4)
+        block, block_bytes = engine.store.block_size, engine.store.block_bytes
         before = engine.stats().bytes
-        assert engine.fork_kv("parent", "child") == engine.session_stats("parent").tokens
-        assert engine.stats().bytes == before + engine.session_stats("child").bytes
-        assert engine.stats().forks == 1 and engine.stats().fork_copied_bytes == engine.session_stats("child").bytes
+        parent = engine.session_stats("parent")
+        assert parent.tokens >= 2 * block
+        assert engine.fork_kv("parent", "child") == parent.tokens
+        stats, child = engine.stats(), engine.session_stats("child")
+        assert child.tokens == parent.tokens and child.bytes == parent.bytes
+        # the child holds the parent's full blocks by reference: the store grew by its copied partial block at most
+        full = parent.tokens // block
+        assert stats.shared_blocks == full and stats.shared_bytes_saved == full * block_bytes
+        assert stats.bytes == before + (block_bytes if parent.tokens % block else 0)
         assert engine.fork_kv("nobody", "orphan") == 0 and not engine.session_stats("orphan").resident
         with pytest.raises(EngineError):
             engine.fork_kv("parent", "../escape")
@@ -222,7 +237,7 @@ def app_with_engine(tiny_bundle, data_dir):
     engines: list[Engine] = []
 
     def build(max_new_tokens: int = 4):
-        settings = settings_with(max_new_tokens)
+        settings = greedy(settings_with(max_new_tokens))
         paths = Paths.resolve(data_dir)
         engine = Engine(tiny_bundle, settings, snapshot_dir=paths.snapshots).start()
         engines.append(engine)
@@ -357,4 +372,4 @@ async def test_the_palette_forks_at_the_last_message(app_with_engine):
         await wait_until(pilot, lambda: len(app.chat_tabs.chat_tabs) == 2)
         child = app.chat_tabs.current
         assert len(child.conversation.messages) == 2 and child.conversation.forked_from.message == 1
-        assert any("tokens of KV copied" in note for note in notes(app))
+        assert any("tokens of KV shared" in note for note in notes(app))

@@ -76,7 +76,7 @@ def test_prefill_only_mode_decodes_one_session_per_forward_pass(tiny_bundle):
 
 def test_byte_budget_evicts_lru_sessions_keeps_peak_within_budget_and_evicted_session_recomputes_exactly(tiny_bundle):
     probe = Engine(tiny_bundle, Settings())
-    budget = probe.store.bytes_for(128) * 3  # room for three sessions of up to 128 tokens
+    budget = probe.store.block_bytes * 8  # blocks for about two and a half of these short sessions
     engine = Engine(tiny_bundle, settings_with(kv__max_bytes_total=budget, batching__max_batch_size=2)).start()
     histories = {f"s{i}": [] for i in range(6)}
     try:
@@ -85,13 +85,15 @@ def test_byte_budget_evicts_lru_sessions_keeps_peak_within_budget_and_evicted_se
             assert engine.stats().bytes <= budget
         stats = engine.stats()
         assert stats.evictions >= 3
-        assert stats.evicted_tokens > 0 and stats.evicted_bytes >= stats.evictions * probe.store.bytes_for(128)
+        # every evicted session held at least one block of its own (its question differs from the others')
+        assert stats.evicted_tokens > 0 and stats.evicted_bytes >= stats.evictions * probe.store.block_bytes
         assert stats.peak_bytes <= budget
         assert engine.session_stats("s0").resident is False
-        result = chat(engine, "s0", histories["s0"], "And then?")  # evicted: recomputes
+        result = chat(engine, "s0", histories["s0"], "And then?")  # evicted: recomputes all but shared prefix blocks
     finally:
         engine.close()
-    assert result.reused_tokens == 0 and result.reused_from == "none"
+    assert result.reused_from in ("none", "memory") and result.reused_tokens % probe.store.block_size == 0
+    assert result.prefilled_tokens > len(engine.renderer.render(histories["s0"][-1:]))  # its own turn was recomputed
     assert result.reply_ids == greedy_full_recompute(tiny_bundle.model, result.prompt_ids, 8, engine.eos_ids)
     assert engine.stats().peak_bytes <= budget
 
@@ -111,14 +113,18 @@ def test_session_count_limit_evicts_least_recently_used(tiny_bundle):
     assert engine.stats().evictions == 1
 
 
-def test_store_bytes_are_the_bytes_of_the_tensors_held(tiny_bundle):
+def test_store_bytes_are_the_bytes_of_the_pool_blocks_held_each_counted_once(tiny_bundle):
     engine = Engine(tiny_bundle, Settings()).start()
     try:
         chat(engine, "a", [], "hello there")
-        chat(engine, "b", [], "general kenobi")
-        held = sum(entry.kv.numel() * entry.kv.element_size() for entry in engine.store.sessions())
-        assert engine.stats().bytes == held
-        assert engine.session_stats("a").bytes == engine.store.peek("a").kv.numel() * 4
+        chat(engine, "b", [], "general kenobi")  # shares the default system prompt's full blocks with a
+        store = engine.store
+        distinct = {block_id for entry in store.sessions() for block_id in entry.block_table}
+        stats = engine.stats()
+        assert stats.bytes == len(distinct) * store.block_bytes
+        assert stats.shared_blocks > 0
+        assert stats.bytes + stats.shared_bytes_saved == sum(entry.nbytes for entry in store.sessions())
+        assert engine.session_stats("a").bytes == len(store.peek("a").block_table) * store.block_bytes
     finally:
         engine.close()
 
@@ -260,10 +266,10 @@ def test_a_sampling_failure_fails_only_that_turn(tiny_bundle, monkeypatch):
 
     real_next_token = engine_module.next_token
 
-    def failing_for_hot_sampling(logits, sampling, generator):
+    def failing_for_hot_sampling(logits, sampling, generator, recent=()):
         if sampling.temperature == 9.0:
             raise ValueError("probabilities contain NaN")
-        return real_next_token(logits, sampling, generator)
+        return real_next_token(logits, sampling, generator, recent)
 
     monkeypatch.setattr(engine_module, "next_token", failing_for_hot_sampling)
     engine = Engine(tiny_bundle, settings_with(batching__max_batch_wait_ms=200)).start()

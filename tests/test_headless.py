@@ -63,7 +63,7 @@ def run_script(lines: list[str | bytes], data_dir: Path, model_dir: Path, *flags
     script = b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines)
     completed = subprocess.run(
         [str(CHATKV), "launch", "--headless", "--script", "-", "--data-dir", str(data_dir), "--model", str(model_dir),
-         "--dtype", "float32", *flags],
+         "--dtype", "float32", "--temperature", "0", *flags],
         input=script, capture_output=True, timeout=300,
     )
     events = [json.loads(line) for line in completed.stdout.decode().splitlines()]

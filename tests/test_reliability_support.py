@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import queue
@@ -44,7 +45,7 @@ class HeadlessChild:
     def __init__(self, data_dir: Path, model_dir: Path, *flags: str, prelude: str | None = None,
                  env: dict[str, str] | None = None, umask: int | None = None) -> None:
         arguments = ["launch", "--headless", "--script", "-", "--data-dir", str(data_dir), "--model", str(model_dir),
-                     "--dtype", "float32", "--stream", "--trace", *flags]
+                     "--dtype", "float32", "--temperature", "0", "--stream", "--trace", *flags]
         command = [sys.executable, "-c", prelude + RUN_CLI, *arguments] if prelude else [str(CHATKV), *arguments]
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         child_env.pop("CHATKV_HOME", None)
@@ -196,6 +197,8 @@ async def run_script(engine: Engine, settings: Settings, paths: Paths, script: b
     events = EventWriter(out)
     runner = ScriptRunner(io.BytesIO(script), events, stream_tokens=stream, trace=trace)
     options = AppOptions(restore_tabs=False, persist=persist, remember_layout=False)
+    if settings.generation.temperature is None:  # replies are checked against the greedy reference
+        settings = dataclasses.replace(settings, generation=dataclasses.replace(settings.generation, temperature=0.0))
     app = make_app(settings, engine, ConversationStore(paths), paths.user_themes, options)
     shown: list[str] = []
     original_notify = app.notify

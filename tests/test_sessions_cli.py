@@ -287,3 +287,72 @@ def test_sessions_commands_do_not_import_torch(store: ConversationStore):
                             env={**os.environ, "CHATKV_HOME": str(store.paths.data.parent)})
 
     assert result.returncode == 0, result.stderr
+
+
+# -- id prefixes, stopped replies, line breaks (issue 14) -----------------------------------------------------
+
+
+def with_id(store: ConversationStore, session_id: str, name: str) -> Conversation:
+    conversation = store.new_conversation(name=name, system="")
+    conversation.id = session_id
+    conversation.messages += [Message("user", "Hi?"), Message("assistant", "Hello.", token_ids=[1])]
+    store.save(conversation)
+    return conversation
+
+
+def test_show_export_and_delete_take_a_unique_start_of_an_id(store: ConversationStore, capsys):
+    with_id(store, "abcd1234ef56", "first")
+    with_id(store, "abcd9999ef56", "second")
+
+    assert main(["sessions", "show", "abcd12"]) == 0
+    assert "first  (abcd1234ef56)" in capsys.readouterr().out
+    assert main(["sessions", "export", "abcd99"]) == 0
+    assert capsys.readouterr().out.startswith("# second\n")
+    assert main(["sessions", "delete", "-y", "abcd12"]) == 0
+    assert [conversation.id for conversation in store.load_all()[0]] == ["abcd9999ef56"]
+
+
+def test_an_ambiguous_or_too_short_start_of_an_id_is_refused_with_the_candidates(store: ConversationStore, capsys):
+    with_id(store, "abcd1234ef56", "first")
+    with_id(store, "abcd9999ef56", "second")
+
+    assert main(["sessions", "show", "abcd"]) == 1
+    err = capsys.readouterr().err
+    assert "2 conversations have ids starting with 'abcd'" in err and "abcd1234ef56" in err and "abcd9999ef56" in err
+    assert main(["sessions", "show", "abc"]) == 1  # shorter than four characters: not taken as a prefix
+    assert "No saved conversation" in capsys.readouterr().err
+
+
+def test_show_and_export_mark_replies_that_were_stopped(store: ConversationStore, capsys):
+    conversation = store.new_conversation(name="cut short", system="")
+    conversation.messages += [
+        Message("user", "Tell me a story."),
+        Message("assistant", "Once upon", token_ids=[1, 2], stats={"finish_reason": "cancelled"}),
+        Message("user", "Another."),
+        Message("assistant", "A long one", token_ids=[3], stats={"finish_reason": "length"}),
+        Message("user", "Short."),
+        Message("assistant", "Done.", token_ids=[4], stats={"finish_reason": "stop"}),
+    ]
+    store.save(conversation)
+
+    assert main(["sessions", "show", conversation.id]) == 0
+    out = capsys.readouterr().out
+    assert "--- Assistant (stopped by the user) ---\nOnce upon" in out
+    assert "--- Assistant (stopped at the token limit) ---\nA long one" in out
+    assert "--- Assistant ---\nDone." in out
+    assert main(["sessions", "export", conversation.id]) == 0
+    out = capsys.readouterr().out
+    assert "## Assistant (stopped by the user)\n" in out and "## Assistant\n\n```markdown\nDone.\n```" in out
+
+
+def test_markdown_export_keeps_single_line_breaks(store: ConversationStore, capsys):
+    from markdown_it import MarkdownIt
+
+    conversation = store.new_conversation(name="poem", system="")
+    reply = "Roses are red,\nviolets are blue."
+    conversation.messages += [Message("user", "A poem"), Message("assistant", reply, token_ids=[1])]
+    store.save(conversation)
+
+    assert main(["sessions", "export", conversation.id]) == 0
+    html = MarkdownIt("commonmark").render(capsys.readouterr().out)
+    assert "Roses are red,\nviolets are blue." in html and "red, violets" not in html

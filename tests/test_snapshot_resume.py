@@ -21,7 +21,7 @@ def headless(lines: list[dict], data_dir: Path, model_dir: Path) -> list[dict]:
     script = "".join(json.dumps(line) + "\n" for line in lines).encode()
     completed = subprocess.run(
         [str(CHATKV), "launch", "--headless", "--script", "-", "--data-dir", str(data_dir), "--model", str(model_dir),
-         "--dtype", "float32", "--trace"],
+         "--dtype", "float32", "--temperature", "0", "--trace"],
         input=script, capture_output=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr.decode()

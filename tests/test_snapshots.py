@@ -31,7 +31,7 @@ SHIPPED_THEMES = sorted(theme.name for theme in load_themes(builtin_themes_dir()
 def busy_engine_stats() -> EngineStats:
     """Two tabs decoding together after a few turns: the figures a user would see mid-conversation."""
     return EngineStats(
-        sessions=2, tokens=1480, bytes=33 * MIB, peak_bytes=41 * MIB, budget_bytes=64 * MIB,
+        sessions=2, tokens=1480, bytes=33 * MIB, used_bytes=21 * MIB, peak_bytes=41 * MIB, budget_bytes=64 * MIB,
         evictions=1, evicted_tokens=612, evicted_bytes=14 * MIB,
         prompt_tokens=2210, reused_tokens=1835, hit_rate=1835 / 2210, hit_rate_window=0.912, turns=6, turn_hits=4,
         disk_restores=1, disk_reused_tokens=402, disk_bytes=9 * MIB, disk_budget_bytes=2048 * MIB,

@@ -25,7 +25,7 @@ MIB = 1024**2
 def busy_stats() -> EngineStats:
     """A store in use, with every figure distinct so a value shown in the wrong place cannot go unnoticed."""
     return EngineStats(
-        sessions=3, tokens=2345, bytes=200 * MIB, peak_bytes=300 * MIB, budget_bytes=512 * MIB,
+        sessions=3, tokens=2345, bytes=200 * MIB, used_bytes=70 * MIB, peak_bytes=300 * MIB, budget_bytes=512 * MIB,
         evictions=4, evicted_tokens=1717, evicted_bytes=12 * MIB,
         prompt_tokens=10_000, reused_tokens=9_000, hit_rate=0.9, hit_rate_window=0.955, turns=12, turn_hits=10,
         disk_restores=2, disk_reused_tokens=456, disk_bytes=48 * MIB, disk_budget_bytes=2048 * MIB,
@@ -89,13 +89,14 @@ async def test_panel_shows_every_figure_from_engine_stats() -> None:
         assert "1,717 tok · 12.0 MiB" in hit_rate
 
         memory = section_text(panel, "memory")
-        assert "200 MiB of 512 MiB" in memory
+        assert "used      70.0 MiB by 2,345 tok" in memory
+        assert "reserved  200 MiB of 512 MiB" in memory
         assert "peak      300 MiB" in memory
-        assert "3 sessions · 2,345 tok" in memory
+        assert "resident  3 sessions" in memory
 
-        assert "123 tok/s" in section_text(panel, "decode")
+        assert "123 tok/s · last 10 s" in section_text(panel, "decode")
         prefill = section_text(panel, "prefill")
-        assert "2,346 tok/s" in prefill
+        assert "2,346 tok/s · last 10 s" in prefill
         assert "87 ms last turn" in prefill
         assert "5,678 tok" in prefill
 
@@ -107,6 +108,7 @@ async def test_panel_shows_every_figure_from_engine_stats() -> None:
 
         snapshots = section_text(panel, "snapshots")
         assert "2 · 456 tok" in snapshots
+        assert "ready     0 tabs on disk" in snapshots
         assert "48.0 MiB of 2.0 GiB" in snapshots
 
         session = section_text(panel, "session")
@@ -126,7 +128,20 @@ async def test_undefined_figures_show_a_dash_not_zero() -> None:
         assert "– recent · – all" in section_text(panel, "hit-rate")
         assert "– last turn" in section_text(panel, "prefill")
         assert "(no budget)" in section_text(panel, "memory")
-        assert section_text(panel, "session") == "cached    –\nwhere     –"
+        assert section_text(panel, "session") == "cached    –\nwhere     –\nreply     –"
+
+
+async def test_idle_rates_say_idle_instead_of_a_stale_figure_and_the_tab_shows_its_last_reply() -> None:
+    app = PanelApp()
+    async with app.run_test(size=(50, 50)):
+        panel = app.query_one(StatsPanel)
+        idle = EngineStats(decode_tok_s=21.4, prefill_tok_s=900.0, active_turns=0, turns=3)
+        panel.show_stats(idle, SessionStats("a", tokens=50, bytes=4096, resident=True),
+                         last_reply={"decode_tok_s": 16.9, "new_tokens": 42}, ready_tabs=1)
+        assert section_text(panel, "decode") == "decode    idle"
+        assert section_text(panel, "prefill").startswith("prefill   idle")
+        assert section_text(panel, "session").endswith("reply     16.9 tok/s · 42 tok")
+        assert "ready     1 tab on disk" in section_text(panel, "snapshots")
 
 
 async def test_ttft_of_the_first_turn_shows_before_the_turn_ends() -> None:
@@ -141,7 +156,7 @@ async def test_ttft_of_the_first_turn_shows_before_the_turn_ends() -> None:
     ("session", "where"),
     [
         (SessionStats("a", tokens=10, bytes=2048, resident=True, on_disk_bytes=4096), "memory"),
-        (SessionStats("a", tokens=10, bytes=0, resident=False, on_disk_bytes=3 * MIB), "disk · 3.0 MiB"),
+        (SessionStats("a", tokens=10, bytes=0, resident=False, on_disk_bytes=3 * MIB), "ready on disk · 3.0 MiB"),
         (SessionStats("a", tokens=0, bytes=0, resident=False), "not cached"),
     ],
 )
@@ -150,7 +165,7 @@ async def test_session_detail_says_where_the_cache_is(session: SessionStats, whe
     async with app.run_test(size=(50, 50)):
         panel = app.query_one(StatsPanel)
         panel.show_stats(busy_stats(), session)
-        assert section_text(panel, "session").endswith(f"where     {where}")
+        assert f"where     {where}\n" in section_text(panel, "session")
 
 
 # refreshing cheaply ---------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ async def test_two_tabs_stream_side_by_side_and_both_complete(start_engine, stor
         # machine can outlast a tiny-model reply); Enter itself is covered by the tests below
         for tab, text in ((first, "hello"), (second, "hi")):
             tab.prompt_input.post_message(PromptInput.Submitted(tab.prompt_input, text))
-        await pilot.press("alt+1")
+        await pilot.press("ctrl+pageup")
         assert app.chat_tabs.current is first  # switching tabs does not interrupt either reply
         await wait_until(pilot, lambda: not first.generating and not second.generating)
         assert ("first", True) in streamed and ("second", True) in streamed
@@ -186,7 +186,7 @@ async def test_tabs_come_back_after_a_restart_with_their_history(start_engine, s
         second = app.chat_tabs.current
         await type_and_send(pilot, "second tab")
         await wait_until(pilot, lambda: len(second.conversation.messages) == 2)
-        await pilot.press("alt+1")
+        await pilot.press("ctrl+pageup")
         first_reply_ids = first.conversation.messages[1].token_ids
         await app.action_quit()
 
@@ -235,11 +235,11 @@ async def test_closing_keeps_the_conversation_and_deleting_removes_it(start_engi
     async with app.run_test(size=SIZE) as pilot:
         kept = app.chat_tabs.current
         deleted = await app.open_new_conversation("doomed")
-        await pilot.press("ctrl+w")
+        await pilot.press("f4")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmCloseScreen))
         await pilot.click("#delete")
         await wait_until(pilot, lambda: len(app.chat_tabs.chat_tabs) == 1)
-        await pilot.press("ctrl+w")
+        await pilot.press("f4")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmCloseScreen))
         await pilot.click("#close")
         # the last tab closed: a fresh one takes its place

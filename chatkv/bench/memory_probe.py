@@ -107,10 +107,11 @@ def _serve_with_chatkv(bundle, message: str) -> dict:
         stats = engine.stats()
 
         def read_tensor():
-            # the session's KV tensor itself: its bytes over its token slots is the exact cost of one token
-            entry = engine.store.peek(session)
-            return {"tensor_bytes": entry.nbytes, "tensor_token_slots": entry.capacity,
-                    "tensor_dtype": str(entry.kv.dtype).removeprefix("torch."), "tensor_shape": list(entry.kv.shape)}
+            # the session's KV blocks in the pool: their bytes over their token slots is the exact cost of one token
+            store = engine.store
+            entry = store.peek(session)
+            return {"tensor_bytes": entry.nbytes, "tensor_token_slots": len(entry.block_table) * store.block_size,
+                    "tensor_dtype": str(store.kv.dtype).removeprefix("torch."), "tensor_shape": list(store.kv.shape)}
 
         tensor = engine.call_in_engine(read_tensor).result()
     return {"prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens,

@@ -1,4 +1,7 @@
-"""The background engine: per-session KV reuse, batched prefill and decode, a bounded LRU store, metrics."""
+"""The background engine: per-session KV reuse, batched prefill and decode, a bounded LRU store, metrics.
+
+``Engine`` is imported on first use (PEP 562), so ``chatkv.engine.api`` -- what the UI needs -- never pulls in torch.
+"""
 
 from chatkv.engine.api import (
     EngineError,
@@ -10,7 +13,6 @@ from chatkv.engine.api import (
     TurnHandle,
     TurnResult,
 )
-from chatkv.engine.engine import Engine
 
 __all__ = [
     "Engine",
@@ -23,3 +25,11 @@ __all__ = [
     "TurnHandle",
     "TurnResult",
 ]
+
+
+def __getattr__(name: str):
+    if name == "Engine":
+        from chatkv.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,10 @@ FinishReason = Literal["stop", "length", "time", "cancelled", "error"]
 ReusedFrom = Literal["memory", "disk", "none", "server"]
 
 
+REPETITION_WINDOW = 64
+"""Recent token ids (prompt and reply) a repetition penalty looks at: llama.cpp's ``repeat_last_n`` default."""
+
+
 class EngineError(Exception):
     """A request the engine cannot take; the message is meant for the user."""
 
@@ -24,13 +28,21 @@ class QueueFullError(EngineError):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one turn picks its tokens. temperature 0 means greedy."""
+    """How one turn picks its tokens.
+
+    temperature 0 is plain greedy decoding: the most likely token every step, with no penalty, so the reply is
+    token-identical to a full-recompute reference (tests and the bench rely on it). Above 0, logits are divided by
+    the temperature, tokens seen in the last ``REPETITION_WINDOW`` ids of the prompt and reply are penalised by
+    ``repetition_penalty`` (CTRL-style: positive logits divided by it, negative ones multiplied; 1 is off), and
+    the next token is drawn from the smallest set whose probability reaches ``top_p``.
+    """
 
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     max_time_ms: int = 0  # 0: no limit
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +57,8 @@ class Sampling:
             raise EngineError("top_p must be in (0, 1]")
         if self.max_time_ms < 0:
             raise EngineError("max_time_ms must not be negative")
+        if self.repetition_penalty <= 0:
+            raise EngineError("repetition_penalty must be above 0 (1 is off)")
 
 
 @dataclass(frozen=True)
@@ -75,9 +89,8 @@ class TurnResult:
     dropped_messages: int = 0  # oldest messages left out to fit the context
     error: str | None = None
     total_ms: float = 0.0
-    # the first turn of a fork: how many of the reused tokens came from the KV of the session it was forked from
-    shared_tokens: int = 0
-    shared_from: str | None = None  # that session's id
+    shared_tokens: int = 0  # of reused_tokens, those found in blocks another session computed
+    shared_from: str | None = None  # that session's id, when all of them came from one session
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +115,8 @@ class EngineStats:
     # KV store
     sessions: int = 0
     tokens: int = 0
-    bytes: int = 0
+    bytes: int = 0  # reserved: the KV tensors held, with the room each session keeps to grow into
+    used_bytes: int = 0  # what the ``tokens`` held take up themselves
     peak_bytes: int = 0
     budget_bytes: int = 0
     evictions: int = 0
@@ -111,6 +125,10 @@ class EngineStats:
     # reuse
     prompt_tokens: int = 0
     reused_tokens: int = 0
+    reused_tokens_same_session: int = 0  # from the session's own KV (memory or disk)
+    reused_tokens_other_session: int = 0  # from blocks another session computed
+    shared_blocks: int = 0  # KV blocks held by more than one session right now
+    shared_bytes_saved: int = 0  # bytes those sessions would hold on top of `bytes` without sharing
     hit_rate: float = 0.0
     hit_rate_window: float = 0.0
     turns: int = 0
@@ -134,10 +152,6 @@ class EngineStats:
     last_ttft_ms: float = 0.0
     generated_tokens: int = 0
     prefilled_tokens: int = 0
-    # forks: sessions that started from a copy of another session's KV, and what the copies hold
-    forks: int = 0
-    fork_copied_tokens: int = 0
-    fork_copied_bytes: int = 0
     threads: int = 0  # torch threads the engine computes with
     weights: str = ""  # the model's dtype and weight quantization, e.g. "bfloat16+int4"
     # a remote backend's server-wide figures (chatkv.remote.server_metrics.ServerReport); None for the local engine

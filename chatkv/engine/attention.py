@@ -1,15 +1,25 @@
-"""Packed attention: one forward pass serves many sessions, each attending over its own KV.
+"""Packed attention over the paged KV pool: every session of a step in one SDPA call per layer.
 
 Every engine step packs the new tokens of all scheduled sessions into one ``[1, T]`` input. The
-linear layers (most of the cost) run once over all of them; only attention is per session. This
-function is registered with transformers' ``AttentionInterface`` and reached through the stock
-Llama modules: for each segment of the packed input it appends the segment's keys and values
-(RoPE already applied) to that session's KV tensor and attends over the session's past plus the
-new part.
+linear layers run once over all of them; attention, registered with transformers'
+``AttentionInterface`` and reached through the stock Llama modules (or any forward that passes a
+module with ``layer_idx`` and ``chatkv_step``), does, per layer:
+
+1. write the step's keys and values (RoPE already applied) into their pool slots, one ``index_copy_``;
+2. gather each session's blocks of keys and values through its block table into a padded batch
+   (one ``index_select`` over whole blocks, about as fast as a plain copy; indexing single slots is
+   several times slower on the CPU) and run ``scaled_dot_product_attention`` once for the whole
+   batch, with an additive mask that hides the padding and keeps prefill causal.
+
+Decode tokens (one query per session) and prefill chunks (many) are padded separately, so a step
+that mixes both runs two SDPA calls per layer instead of padding every decode row to the longest
+chunk. Every index and mask is built once per step (``PackedStep.build``), on the model's device, so
+the layers run without a host round trip. Query heads that share a KV head are folded into that
+head's rows, which needs no GQA expansion of the keys.
 
 Calls that do not come from the engine (``model.generate``, the reference, the bench's baselines)
-carry no ``PackedStep`` and go to transformers' own SDPA attention with its own masks, so the
-same model object stays a stock transformers model for them, even while the engine runs.
+carry no ``PackedStep`` and go to transformers' own SDPA attention with its own masks, so the same
+model object stays a stock transformers model for them, even while the engine runs.
 """
 
 from __future__ import annotations
@@ -29,25 +39,90 @@ ATTENTION_NAME = "chatkv_packed"
 class Segment:
     """A run of new tokens of one session inside the packed input."""
 
-    kv: torch.Tensor  # the session's storage: [layers, 2, kv_heads, capacity, head_dim]
+    block_table: list[int]  # the session's blocks in the pool, in position order (covering past + length)
     start: int  # first position of the segment in the packed input
     length: int  # how many new tokens
-    past: int  # tokens already in kv before this step
-    mask: torch.Tensor | None = field(default=None, repr=False)  # built by the first layer, reused by the rest
+    past: int  # tokens already in the session's KV before this step
+
+
+@dataclass
+class AttentionBatch:
+    """Segments attended in one SDPA call: queries padded to ``[batch, queries]``, keys to ``[batch, keys]``."""
+
+    batch: int
+    queries: int
+    query_index: torch.Tensor  # int64 [batch * queries]: packed rows (padding repeats a segment's last row)
+    key_blocks: torch.Tensor  # int64 [batch * blocks]: each row's block table, padded with block 0 (masked)
+    mask: torch.Tensor  # float [batch, 1, queries, blocks * block_size]: 0 where attended, -inf elsewhere
+    real_rows: torch.Tensor  # int64 [n]: rows of the flattened [batch * queries] that are real tokens
+    output_index: torch.Tensor  # int64 [n]: the packed rows those outputs go to
+    _folded: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def folded_mask(self, groups: int) -> torch.Tensor:
+        """The mask for queries folded as ``[batch, kv_heads, groups * queries]`` (built by the first layer)."""
+        mask = self._folded.get(groups)
+        if mask is None:
+            b, _, q, k = self.mask.shape
+            mask = self.mask.unsqueeze(2).expand(b, 1, groups, q, k).reshape(b, 1, groups * q, k)
+            self._folded[groups] = mask
+        return mask
 
 
 @dataclass
 class PackedStep:
+    """What one forward pass needs to attend over the pool: built once per step, used by every layer."""
+
+    kv: torch.Tensor  # the pool: [layers, 2, slots, kv_heads, head_dim], slot = block * block_size + offset
+    block_size: int
+    slot_mapping: torch.Tensor  # int64 [T]: the pool slot each new token's K/V goes to
+    batches: list[AttentionBatch]
     segments: list[Segment]
 
+    @classmethod
+    def build(cls, kv: torch.Tensor, segments: list[Segment], block_size: int, mask_dtype: torch.dtype) -> "PackedStep":
+        device = kv.device
+        slot_parts = []
+        for segment in segments:
+            positions = torch.arange(segment.past, segment.past + segment.length)
+            table = torch.tensor(segment.block_table, dtype=torch.long)
+            slot_parts.append(table[positions // block_size] * block_size + positions % block_size)
+        slot_mapping = torch.cat(slot_parts).to(device)
+        decode = [s for s in segments if s.length == 1]
+        prefill = [s for s in segments if s.length > 1]
+        batches = [_batch(group, block_size, mask_dtype, device) for group in (decode, prefill) if group]
+        return cls(kv, block_size, slot_mapping, batches, segments)
 
-def _causal_mask_with_past(length: int, past: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive mask letting new token i see every past token and new tokens up to i.
 
-    A float mask (0 / -inf) gives the same outputs as a boolean one but takes a faster SDPA path on CPU.
-    """
-    allowed = torch.ones(length, past + length, dtype=torch.bool, device=device).tril(diagonal=past)
-    return torch.zeros(length, past + length, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+def _batch(segments: list[Segment], block_size: int, mask_dtype: torch.dtype, device: torch.device) -> AttentionBatch:
+    b = len(segments)
+    lengths = torch.tensor([s.length for s in segments])
+    pasts = torch.tensor([s.past for s in segments])
+    starts = torch.tensor([s.start for s in segments])
+    q = int(lengths.max())
+    seen = [-(-(s.past + s.length) // block_size) for s in segments]  # blocks each row attends over
+    widest = max(seen)
+    tables = torch.zeros(b, widest, dtype=torch.long)
+    for row, segment in enumerate(segments):
+        tables[row, : seen[row]] = torch.tensor(segment.block_table[: seen[row]], dtype=torch.long)
+    k = widest * block_size
+    query_positions = torch.arange(q)
+    clamped = torch.minimum(query_positions.unsqueeze(0), (lengths - 1).unsqueeze(1))  # [b, q]
+    key_positions = torch.arange(k)
+    # query i of a segment sees its session's positions up to past + i; padded queries copy their last real row
+    allowed = key_positions.view(1, 1, k) <= (pasts.view(b, 1, 1) + clamped.unsqueeze(2))
+    mask = torch.zeros(b, 1, q, k, dtype=mask_dtype).masked_fill_(~allowed.unsqueeze(1), float("-inf"))
+    real = (query_positions.unsqueeze(0) < lengths.unsqueeze(1)).flatten()
+    query_index = (starts.unsqueeze(1) + clamped).flatten()
+    real_rows = real.nonzero().squeeze(1)
+    return AttentionBatch(
+        batch=b,
+        queries=q,
+        query_index=query_index.to(device),
+        key_blocks=tables.flatten().to(device),
+        mask=mask.to(device),
+        real_rows=real_rows.to(device),
+        output_index=query_index[real_rows].to(device),
+    )
 
 
 def packed_attention(
@@ -61,42 +136,40 @@ def packed_attention(
     chatkv_step: PackedStep | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
+    """Attention output ``[1, T, heads, head_dim]`` for a packed step (stock SDPA when ``chatkv_step`` is None)."""
     if chatkv_step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layer = module.layer_idx
-    total = query.shape[2]
-    output = query.new_empty(1, total, query.shape[1], query.shape[3])
-    for segment in chatkv_step.segments:
-        start, length, past = segment.start, segment.length, segment.past
-        keys = segment.kv[layer, 0]
-        values = segment.kv[layer, 1]
-        keys[:, past : past + length] = key[0, :, start : start + length]
-        values[:, past : past + length] = value[0, :, start : start + length]
-        seen = past + length
-        past_keys = keys[:, :seen].unsqueeze(0)
-        past_values = values[:, :seen].unsqueeze(0)
-        if length == 1:
-            # one query per head: fold the query heads that share a KV head into that head's rows,
-            # which needs no mask and no GQA expansion (several times faster in bf16 on CPU)
-            groups = query.shape[1] // keys.shape[0]
-            folded = query[:, :, start].reshape(1, keys.shape[0], groups, query.shape[3])
-            attended = F.scaled_dot_product_attention(folded, past_keys, past_values, scale=scaling)
-            output[0, start] = attended.reshape(query.shape[1], query.shape[3])
-            continue
-        if past and segment.mask is None:
-            segment.mask = _causal_mask_with_past(length, past, query.dtype, query.device)
-        mask = segment.mask
-        attended = F.scaled_dot_product_attention(
-            query[:, :, start : start + length],
-            past_keys,
-            past_values,
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scaling,
-            enable_gqa=True,
+    key_cache = chatkv_step.kv[layer, 0]  # [slots, kv_heads, head_dim]
+    value_cache = chatkv_step.kv[layer, 1]
+    slots, kv_heads, head_dim = key_cache.shape
+    block_elements = chatkv_step.block_size * kv_heads * head_dim
+    key_cache.index_copy_(0, chatkv_step.slot_mapping, key[0].transpose(0, 1))
+    value_cache.index_copy_(0, chatkv_step.slot_mapping, value[0].transpose(0, 1))
+    heads, total = query.shape[1], query.shape[2]
+    groups = heads // kv_heads
+    output = query.new_empty(total, heads, head_dim)
+    for batch in chatkv_step.batches:  # one for decode tokens, one for prefill chunks
+        b, q = batch.batch, batch.queries
+        folded = (
+            query[0]
+            .index_select(1, batch.query_index)
+            .view(kv_heads, groups, b, q, head_dim)
+            .permute(2, 0, 1, 3, 4)
+            .reshape(b, kv_heads, groups * q, head_dim)
         )
-        output[0, start : start + length] = attended[0].transpose(0, 1)
-    return output, None
+        keys = _gather_blocks(key_cache, batch, block_elements, kv_heads, head_dim)
+        values = _gather_blocks(value_cache, batch, block_elements, kv_heads, head_dim)
+        attended = F.scaled_dot_product_attention(folded, keys, values, attn_mask=batch.folded_mask(groups), scale=scaling)
+        rows = attended.view(b, kv_heads, groups, q, head_dim).permute(0, 3, 1, 2, 4).reshape(b * q, heads, head_dim)
+        output.index_copy_(0, batch.output_index, rows.index_select(0, batch.real_rows))
+    return output.unsqueeze(0), None
+
+
+def _gather_blocks(cache: torch.Tensor, batch: AttentionBatch, block_elements: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """``[b, kv_heads, blocks * block_size, head_dim]``: each row's blocks of ``cache``, in position order."""
+    gathered = cache.view(-1, block_elements).index_select(0, batch.key_blocks)
+    return gathered.view(batch.batch, -1, kv_heads, head_dim).transpose(1, 2)
 
 
 AttentionInterface.register(ATTENTION_NAME, packed_attention)

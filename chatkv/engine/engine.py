@@ -31,11 +31,12 @@ from chatkv.engine.api import (
     TurnResult,
 )
 from chatkv.engine.attention import Segment
+from chatkv.engine.detokenizer import IncrementalDetokenizer
 from chatkv.engine.kv_store import KvBudgetError, KvStore, SessionKv
 from chatkv.engine.metrics import EngineMetrics
 from chatkv.engine.prompt import ChatRenderer
 from chatkv.engine.runner import ModelRunner
-from chatkv.engine.sampler import make_generator, next_token
+from chatkv.engine.sampler import make_generator, next_token, recent_ids
 from chatkv.engine.scheduler import PlannedSegment, Scheduler
 from chatkv.engine.snapshot import SnapshotStore, matches_prompt
 from chatkv.engine.threads import engine_threads
@@ -80,6 +81,7 @@ class Engine:
         self.eos_ids = eos_token_ids(bundle)
         self.renderer = ChatRenderer(bundle.tokenizer, self.eos_ids)
         self.runner = ModelRunner(bundle)
+        self._sharing = self.kv_options.enabled and self.kv_options.share_prefixes
         self.threads = engine_threads(self.settings.model.threads)
         self.context_limit = min(self.kv_options.max_tokens_per_session, bundle.max_context)
         self.snapshots = self._open_snapshots(snapshot_dir)
@@ -97,7 +99,7 @@ class Engine:
         self._crashed: str | None = None
         self._thread: threading.Thread | None = None
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-session failures here
-        # child session -> (parent session, tokens copied): the child's first turn says its reuse came from the parent
+        # child session -> (parent session, tokens shared by fork_kv): the child's first turn reports them as shared
         self._forked_from: dict[str, tuple[str, int]] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -181,21 +183,6 @@ class Engine:
         self.cancel(session_id)
         self.call_in_engine(lambda: self._forget_now(session_id)).result()
 
-    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
-        """Start ``child_session_id`` from a copy of ``parent_session_id``'s KV; returns the tokens copied.
-
-        The parent's resident KV is copied (or its disk snapshot loaded, if it is not resident), and the
-        copy is counted in the store's bytes like any session's KV. The child's next turn then reuses it
-        up to the longest common prefix with its prompt, and reports that reuse as shared with the parent
-        (``TurnResult.shared_from``). Returns 0, copying nothing, when the parent has no KV, caching is
-        off, or the copy does not fit the budget: the child's first turn then recomputes its prompt.
-        Raises ``EngineError`` for an unsafe session id.
-        """
-        for session_id in (parent_session_id, child_session_id):
-            if not is_valid_session_id(session_id):
-                raise EngineError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
-        return self.call_in_engine(lambda: self._fork_now(parent_session_id, child_session_id)).result()
-
     def snapshot(self, session_ids: list[str] | None = None) -> int:
         """Write the KV of resident sessions to disk; returns how many were written."""
         if self.snapshots is None:
@@ -210,6 +197,7 @@ class Engine:
                 sessions=len(self.store),
                 tokens=self.store.tokens,
                 bytes=self.store.bytes,
+                used_bytes=self.store.bytes_for(self.store.tokens),
                 peak_bytes=self.store.peak_bytes,
                 budget_bytes=self.kv_options.max_bytes_total,
                 evictions=self.store.evictions.sessions,
@@ -217,6 +205,10 @@ class Engine:
                 evicted_bytes=self.store.evictions.bytes,
                 prompt_tokens=metrics.prompt_tokens,
                 reused_tokens=metrics.reused_tokens,
+                reused_tokens_same_session=metrics.reused_tokens - metrics.shared_tokens,
+                reused_tokens_other_session=metrics.shared_tokens,
+                shared_blocks=self.store.shared_blocks,
+                shared_bytes_saved=self.store.shared_bytes_saved,
                 hit_rate=metrics.hit_rate,
                 hit_rate_window=metrics.hit_rate_window,
                 turns=metrics.turns,
@@ -238,9 +230,6 @@ class Engine:
                 last_ttft_ms=metrics.last_ttft_ms,
                 generated_tokens=metrics.generated_tokens,
                 prefilled_tokens=metrics.prefilled_tokens,
-                forks=metrics.forks,
-                fork_copied_tokens=metrics.fork_copied_tokens,
-                fork_copied_bytes=metrics.fork_copied_bytes,
                 threads=self.threads,
                 weights=self.bundle.fingerprint.dtype,
             )
@@ -252,6 +241,34 @@ class Engine:
             if entry is None:
                 return SessionStats(session_id, 0, 0, resident=False, on_disk_bytes=on_disk)
             return SessionStats(session_id, entry.length, entry.nbytes, resident=True, on_disk_bytes=on_disk)
+
+    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
+        """The child session shares the parent's resident KV: full blocks by reference, the partial last block copied.
+
+        Returns the tokens shared (0 if the parent has nothing resident, caching is off, or no room could be
+        made: the child's first turn then recomputes its prompt). The child's first turn reports the reuse
+        of those tokens as shared with the parent (``TurnResult.shared_tokens``/``shared_from``).
+        Raises ``EngineError`` for an unsafe session id.
+        """
+        for session_id in (parent_session_id, child_session_id):
+            if not is_valid_session_id(session_id):
+                raise EngineError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
+
+        def fork() -> int:
+            with self._lock:
+                self._forked_from.pop(child_session_id, None)
+                if not self.kv_options.enabled:
+                    return 0
+                try:
+                    tokens = self.store.fork(parent_session_id, child_session_id)
+                except KvBudgetError:
+                    self.store.drop(child_session_id)
+                    return 0
+                if tokens:
+                    self._forked_from[child_session_id] = (parent_session_id, tokens)
+                return tokens
+
+        return self.call_in_engine(fork).result()
 
     def call_in_engine(self, function: Callable[[], object]) -> Future:
         """Run ``function`` on the engine thread between two steps (or right here if the thread is not running)."""
@@ -349,11 +366,23 @@ class Engine:
         """Find the session's cached KV (memory, else disk), keep its common prefix with the prompt, reserve room."""
         session_id = turn.session_id
         entry, reused_from = self._cached_kv(turn)
+        reusable = turn.prompt_tokens - 1  # always prefill at least one token, so the step has logits to sample from
         reused = 0
         if entry is not None:
-            # always prefill at least one token, so the step has logits to sample from
-            reused = min(common_prefix_length(entry.token_ids, turn.prompt_ids), turn.prompt_tokens - 1)
-            entry.truncate(reused)
+            reused = min(common_prefix_length(entry.token_ids, turn.prompt_ids), reusable)
+        shared = self.store.match_prefix(turn.prompt_ids, reusable) if self._sharing else []
+        if len(shared) * self.store.block_size > reused:
+            # blocks in the pool (another session's, or this one's own before it was evicted) cover more
+            donors = {self.store.blocks[block_id].owner for block_id in shared} - {session_id}
+            turn.shared_tokens = sum(
+                self.store.block_size for block_id in shared if self.store.blocks[block_id].owner != session_id
+            )
+            turn.shared_from = donors.pop() if len(donors) == 1 else None
+            reused = len(shared) * self.store.block_size
+            entry = self.store.attach(session_id, shared, turn.prompt_ids[:reused])
+            reused_from = "memory"
+        elif entry is not None:
+            self.store.truncate(session_id, reused)
         turn.max_new_tokens = max(1, min(turn.sampling.max_new_tokens, self.context_limit - turn.prompt_tokens))
         try:
             self.store.reserve(session_id, turn.prompt_tokens + turn.max_new_tokens)
@@ -368,48 +397,16 @@ class Engine:
         turn.reused_tokens = reused
         turn.reused_from = reused_from if reused else "none"
         fork = self._forked_from.pop(session_id, None)
-        if fork is not None and reused_from == "memory":
+        if fork is not None and reused_from == "memory" and min(reused, fork[1]) > turn.shared_tokens:
+            # a fork's first turn: the tokens fork_kv gave it were computed by the parent
             turn.shared_from, turn.shared_tokens = fork[0], min(reused, fork[1])
         turn.prefill_position = reused
         turn.generator = make_generator(turn.sampling)
+        turn.detokenizer = IncrementalDetokenizer(self.tokenizer)
         turn.admitted_at = time.perf_counter()
         turn.state = TurnState.PREFILLING
         self.scheduler.running.append(turn)
         self.metrics.record_admission(turn.admitted_at - turn.submitted_at)
-
-    def _load_snapshot(self, session_id: str):
-        layout = self.runner.layout
-        return self.snapshots.load(session_id, (layout.layers, layout.kv_heads, layout.head_dim), self.bundle.dtype)
-
-    def _fork_now(self, parent_session_id: str, child_session_id: str) -> int:
-        with self._lock:
-            self._forked_from.pop(child_session_id, None)
-            if not self.kv_options.enabled:
-                return 0
-            source = self.store.peek(parent_session_id)
-            if source is not None and source.length:
-                kv, token_ids = source.valid_kv(), list(source.token_ids)
-            else:
-                snapshot = self._load_snapshot(parent_session_id) if self.snapshots is not None else None
-                if snapshot is None:
-                    return 0
-                kv, token_ids = snapshot.kv, list(snapshot.token_ids)
-            # making room for the copy must not evict the parent it is copied from
-            was_pinned = parent_session_id in self.store.pinned
-            self.store.pinned.add(parent_session_id)
-            try:
-                entry = self.store.adopt(child_session_id, kv, token_ids, extra_tokens=0)
-            except KvBudgetError as exc:
-                self._log(f"session {child_session_id} starts without its parent's KV ({exc}); its first turn recomputes it")
-                return 0
-            finally:
-                if not was_pinned:
-                    self.store.pinned.discard(parent_session_id)
-            self._forked_from[child_session_id] = (parent_session_id, entry.length)
-            self.metrics.forks += 1
-            self.metrics.fork_copied_tokens += entry.length
-            self.metrics.fork_copied_bytes += entry.nbytes
-            return entry.length
 
     def _cached_kv(self, turn: Turn) -> tuple[SessionKv | None, str]:
         if not self.kv_options.enabled:
@@ -420,15 +417,17 @@ class Engine:
             return entry, "memory"
         if self.snapshots is None:
             return None, "none"
-        snapshot = self._load_snapshot(turn.session_id)
+        snapshot = self.snapshots.load(
+            turn.session_id, (self.runner.layout.layers, self.runner.layout.kv_heads, self.runner.layout.head_dim),
+            self.bundle.dtype,
+        )
         if snapshot is None:
             return None, "none"
         if not matches_prompt(snapshot, turn.prompt_ids):
             self._log(f"snapshot for session {turn.session_id} ignored: its tokens do not match the conversation; recomputing")
             return None, "none"
         try:
-            extra = max(0, turn.prompt_tokens + turn.sampling.max_new_tokens - len(snapshot.token_ids))
-            entry = self.store.adopt(turn.session_id, snapshot.kv, snapshot.token_ids, extra)
+            entry = self.store.adopt(turn.session_id, snapshot.kv, snapshot.token_ids, share=self._sharing)
         except KvBudgetError:
             return None, "none"
         return entry, "disk"
@@ -459,13 +458,13 @@ class Engine:
                 self.fault_hook(planned.turn.session_id)
             entry = self.store.peek(planned.turn.session_id)
             past = entry.length
-            segments.append(Segment(entry.kv, start=len(input_ids), length=len(planned.tokens), past=past))
+            segments.append(Segment(entry.block_table, start=len(input_ids), length=len(planned.tokens), past=past))
             input_ids.extend(planned.tokens)
             positions.extend(range(past, past + len(planned.tokens)))
             if planned.completes_prompt:
                 logits_rows.append(len(input_ids) - 1)
         started = time.perf_counter()
-        logits = self.runner.forward(input_ids, positions, segments, logits_rows)
+        logits = self.runner.forward(input_ids, positions, segments, logits_rows, kv=self.store.kv)
         seconds = time.perf_counter() - started
         prefill_tokens = sum(len(p.tokens) for p in plan if p.turn.state is TurnState.PREFILLING)
         with self._lock:
@@ -475,20 +474,25 @@ class Engine:
 
     def _after_forward(self, plan: list[PlannedSegment], logits) -> None:
         now = time.perf_counter()
+        # greedy rows are picked on the model's device; only their ids come back (one copy per step)
+        greedy = logits.argmax(dim=-1).tolist()
         row = 0
         for planned in plan:
             turn = planned.turn
             samples = planned.completes_prompt
-            entry = self.store.peek(turn.session_id)
-            entry.token_ids.extend(planned.tokens)  # their K/V are in the tensor now
+            self.store.commit(turn.session_id, planned.tokens, share=self._sharing)  # their K/V are in the pool now
             if turn.state is TurnState.PREFILLING:
                 turn.prefill_position += len(planned.tokens)
             if not samples:
                 continue
-            logits_row = logits[row]
+            logits_row = row
             row += 1
             try:
-                token = next_token(logits_row, turn.sampling, turn.generator)
+                if turn.sampling.greedy:
+                    token = greedy[logits_row]
+                else:
+                    token = next_token(logits[logits_row].cpu(), turn.sampling, turn.generator,
+                                       recent_ids(turn.prompt_ids, turn.reply_ids))
                 if turn.state is TurnState.PREFILLING:
                     turn.state = TurnState.DECODING
                     turn.first_token_at = now
@@ -504,10 +508,9 @@ class Engine:
         if token in self.eos_ids:
             self._finish(turn, "stop")
             return
-        text = self.tokenizer.decode(turn.reply_ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
-            delta = text[common_prefix_length(text, turn.reply_text):]  # usually all of text past the old reply
-            turn.reply_text = text
+        delta = turn.detokenizer.add(token)
+        if delta is not None:
+            turn.reply_text += delta
             turn.handle._push(TokenEvent(turn.session_id, delta, token))
         if turn.cancel_requested:
             self._finish(turn, "cancelled")
@@ -529,7 +532,11 @@ class Engine:
             self.store.pinned.discard(turn.session_id)
             if not (self.kv_options.enabled and self.kv_options.persist_across_requests):
                 self.store.drop(turn.session_id)
-            self.metrics.record_turn(turn.prompt_tokens, turn.reused_tokens, turn.reused_from == "disk", turn.ttft_ms)
+            else:
+                self.store.trim(turn.session_id)  # give back the room reserved for tokens never generated
+            self.metrics.record_turn(
+                turn.prompt_tokens, turn.reused_tokens, turn.reused_from == "disk", turn.ttft_ms, turn.shared_tokens
+            )
         reply_ids = turn.reply_ids
         reply = self.tokenizer.decode([t for t in reply_ids if t not in self.eos_ids], skip_special_tokens=True)
         result = TurnResult(
@@ -540,6 +547,8 @@ class Engine:
             prompt_tokens=turn.prompt_tokens,
             reused_tokens=turn.reused_tokens,
             reused_from=turn.reused_from,
+            shared_tokens=turn.shared_tokens,
+            shared_from=turn.shared_from,
             prefilled_tokens=turn.prompt_tokens - turn.reused_tokens,
             new_tokens=len(reply_ids),
             ttft_ms=turn.ttft_ms,
@@ -549,8 +558,6 @@ class Engine:
             dropped_messages=turn.dropped_messages,
             error=error,
             total_ms=(time.perf_counter() - turn.submitted_at) * 1000,
-            shared_tokens=turn.shared_tokens,
-            shared_from=turn.shared_from if turn.shared_tokens else None,
         )
         turn.handle._finish(result)
 
@@ -560,7 +567,7 @@ class Engine:
         if self.snapshots is None:
             return
         try:
-            self.snapshots.save(entry.session_id, entry.valid_kv(), list(entry.token_ids))
+            self.snapshots.save(entry.session_id, self.store.session_kv(entry), list(entry.token_ids))
         except Exception as exc:  # noqa: BLE001 - a failed spill must never fail the turn that needed the room
             self._log(f"could not write the KV of session {entry.session_id} to disk while evicting it: {exc}")
 
@@ -570,7 +577,7 @@ class Engine:
             for entry in self.store.sessions():
                 if session_ids is not None and entry.session_id not in session_ids:
                     continue
-                if entry.length and self.snapshots.save(entry.session_id, entry.valid_kv(), list(entry.token_ids)):
+                if entry.length and self.snapshots.save(entry.session_id, self.store.session_kv(entry), list(entry.token_ids)):
                     written += 1
         return written
 

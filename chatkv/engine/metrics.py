@@ -29,6 +29,7 @@ class EngineMetrics:
     turn_hits: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0
+    shared_tokens: int = 0  # of reused_tokens, those from blocks another session computed
     disk_restores: int = 0
     disk_reused_tokens: int = 0
     generated_tokens: int = 0
@@ -39,9 +40,6 @@ class EngineMetrics:
     queue_depth_sum: int = 0
     rejected_requests: int = 0
     last_ttft_ms: float = 0.0
-    forks: int = 0
-    fork_copied_tokens: int = 0
-    fork_copied_bytes: int = 0
     _steps: deque = field(default_factory=deque)
     _recent_turns: deque = field(default_factory=lambda: deque(maxlen=HIT_RATE_WINDOW_TURNS))
     decode_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
@@ -67,8 +65,11 @@ class EngineMetrics:
         self.admitted += 1
         self.wait_seconds += wait_seconds
 
-    def record_turn(self, prompt_tokens: int, reused_tokens: int, from_disk: bool, ttft_ms: float) -> None:
+    def record_turn(
+        self, prompt_tokens: int, reused_tokens: int, from_disk: bool, ttft_ms: float, shared_tokens: int = 0
+    ) -> None:
         self.turns += 1
+        self.shared_tokens += shared_tokens
         self.turn_hits += reused_tokens > 0
         self.prompt_tokens += prompt_tokens
         self.reused_tokens += reused_tokens

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from chatkv.engine.detokenizer import IncrementalDetokenizer
 from chatkv.engine.api import FinishReason, ReusedFrom, Sampling, TurnHandle
 
 
@@ -32,10 +33,11 @@ class Turn:
     admitted_at: float = 0.0
     reused_tokens: int = 0
     reused_from: ReusedFrom = "none"
-    shared_tokens: int = 0  # of reused_tokens, those copied from another session's KV (a fork's first turn)
-    shared_from: str | None = None
+    shared_tokens: int = 0  # of reused_tokens, those in blocks another session computed
+    shared_from: str | None = None  # that session, when there is one
     max_new_tokens: int = 0
     generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
     # progress
     prefill_position: int = 0  # prompt tokens already in the session's KV
     reply_ids: list[int] = field(default_factory=list)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
-from chatkv.model.loader import ModelError, load_model
+from chatkv.model.errors import ModelError
 from chatkv.model.source import ModelSourceError, resolve
-from chatkv.paths import ensure_private_dir
+from chatkv.paths import ensure_private_dir, make_private_tree
 
 
 def run_model_command(context) -> int:
@@ -17,10 +17,14 @@ def run_model_command(context) -> int:
         if context.args.model_command == "pull":
             started = time.perf_counter()
             source = resolve(spec, models_dir)
+            make_private_tree(models_dir)
             print(f"{source.model_id} is ready in {source.path} ({time.perf_counter() - started:.1f} s)")
             return 0
+        from chatkv.model.loader import load_model  # torch: only once we know the command needs it
+
         bundle = load_model(spec, models_dir, context.settings.model.dtype, context.settings.model.device,
                             quant=context.settings.model.quant)
+        make_private_tree(models_dir)
     except (ModelError, ModelSourceError) as exc:
         print(f"chatkv: {exc}", file=sys.stderr)
         return 1

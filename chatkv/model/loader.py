@@ -22,13 +22,10 @@ from urllib.parse import urlparse
 
 import torch
 
+from chatkv.model.errors import ModelError
 from chatkv.model.source import ModelSource, ModelSourceError, Progress, _print_progress, resolve
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-class ModelError(Exception):
-    """The model cannot be loaded as asked; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +66,17 @@ class ModelBundle:
     @property
     def config(self) -> Any:
         return self.model.config
+
+    @property
+    def sampling_defaults(self) -> dict[str, float]:
+        """``temperature``, ``top_p`` and ``repetition_penalty`` where the model's generation config sets them."""
+        generation_config = getattr(self.model, "generation_config", None)
+        if generation_config is None:
+            return {}
+        # only what the model's own file sets, not transformers' defaults
+        given = generation_config.to_diff_dict()
+        return {name: float(given[name]) for name in ("temperature", "top_p", "repetition_penalty")
+                if isinstance(given.get(name), (int, float)) and not isinstance(given.get(name), bool)}
 
     @property
     def max_context(self) -> int:
@@ -147,7 +155,15 @@ def load_model(
     allow_pull: bool = True,
     quant: str = "none",
 ) -> ModelBundle:
-    """Load ``spec`` (see ``source.resolve``); ``quant`` is auto, none, int8 or int4. Raises ``ModelError``."""
+    """Resolve ``spec`` (fetching and converting the default model on first use) and load it.
+
+    ``quant`` is auto, none, int8 or int4. ``load_seconds`` counts reading the checkpoint, not importing
+    transformers, so every command reports the same figure for the same model. transformers' own progress
+    bars are switched off: ``progress`` says what happens. Raises ``ModelError`` with a message for the user.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     started = time.perf_counter()
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)

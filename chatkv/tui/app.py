@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from textual import events
 from textual.app import App, ComposeResult
 from textual.command import CommandPalette
-from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import ModalScreen
 from textual.theme import Theme
@@ -25,7 +25,9 @@ from chatkv.crash import write_crash_log
 from chatkv.engine.api import Sampling
 from chatkv.store import ConversationStore, StoreError
 from chatkv.tui.commands import ChatCommands, ThemeCommands
+from chatkv.tui.keys import APP_BINDINGS
 from chatkv.tui.screens.confirm_close import CloseChoice, ConfirmCloseScreen
+from chatkv.tui.screens.generation import GenerationScreen
 from chatkv.tui.screens.new_tab import NewTabRequest, NewTabScreen
 from chatkv.tui.screens.rename_tab import RenameTabScreen
 from chatkv.tui.themes import builtin_themes_dir, load_themes
@@ -38,10 +40,18 @@ STATS_REFRESH_SECONDS = 0.25
 STATS_IDLE_EVERY = 8  # while nothing runs, refresh every 8th tick (2 s): figures only change with turns
 WIDE_ENOUGH_FOR_STATS = 120
 FALLBACK_THEME = "textual-dark"
-TAB_ACTIONS = {"new_tab", "close_tab", "rename_tab", "next_tab", "previous_tab", "go_to_tab", "stop_reply",
-               "regenerate", "edit_message", "fork_tab"}
+TAB_ACTIONS = {"new_tab", "generation_settings", "close_tab", "rename_tab", "next_tab", "previous_tab", "stop_reply", "copy_reply", "copy_code",
+               "scroll_history", "regenerate", "edit_message", "fork_tab"}
 GREEDY_REGENERATE_NOTE = ("Greedy decoding (temperature 0) writes the same reply again for the same conversation; "
-                          "set generation.temperature above 0 for a different one.")
+                          "raise the tab's temperature (Ctrl+P, Generation settings) for a different one.")
+
+
+def describe_sampling(sampling: Sampling) -> str:
+    """'temperature 0.2 · top-p 0.9 · repetition penalty 1.1 · up to 512 tokens', or 'greedy · up to 512 tokens'."""
+    if sampling.greedy:
+        return f"greedy · up to {sampling.max_new_tokens} tokens"
+    return (f"temperature {sampling.temperature:g} · top-p {sampling.top_p:g} · repetition penalty "
+            f"{sampling.repetition_penalty:g} · up to {sampling.max_new_tokens} tokens")
 
 
 @dataclass
@@ -51,6 +61,7 @@ class AppOptions:
     persist: bool = True  # False (--ephemeral): conversations opened here are never written
     remember_layout: bool = True  # save open tabs, active tab and theme for the next launch
     theme: str | None = None  # --theme: wins over the remembered choice
+    on_shown: Callable[[], object] | None = None  # called once the app is up (the terminal UI starts loading the model)
 
 
 class ChatApp(App[int]):
@@ -64,18 +75,10 @@ class ChatApp(App[int]):
     #main > StatsPanel { dock: right; max-width: 50%; }
     TextArea, Input { min-width: 10; }
     OptionList { min-width: 16; }
+    /* notices at the top right, over the history: never over the message box */
+    ToastRack { dock: top; align: right top; margin-top: 1; margin-bottom: 0; }
     """
-    BINDINGS = [
-        Binding("ctrl+t", "new_tab", "New tab", id="new_tab"),
-        Binding("ctrl+w", "close_tab", "Close tab", id="close_tab", priority=True),
-        Binding("ctrl+r", "rename_tab", "Rename", id="rename_tab"),
-        Binding("escape", "stop_reply", "Stop reply", id="stop_reply"),
-        Binding("ctrl+g", "regenerate", "Regenerate", id="regenerate"),
-        Binding("ctrl+pagedown,alt+right", "next_tab", "Next tab", id="next_tab", show=False),
-        Binding("ctrl+pageup,alt+left", "previous_tab", "Previous tab", id="previous_tab", show=False),
-        *[Binding(f"alt+{n}", f"go_to_tab({n})", f"Tab {n}", id=f"go_to_tab_{n}", show=False) for n in range(1, 10)],
-        Binding("f2", "toggle_stats", "Stats", id="toggle_stats"),
-    ]
+    BINDINGS = APP_BINDINGS
 
     def __init__(self, settings: Settings, engine, store: ConversationStore, themes: list[Theme],
                  theme_problems: list[str], options: AppOptions) -> None:
@@ -90,6 +93,7 @@ class ChatApp(App[int]):
             self.register_theme(theme)
         self._stats_ticks = 0
         self._stats_toggled_by_user = False
+        self._default_sampling: Sampling | None = None  # worked out on first use, again once the model is loaded
         self._event_loop: asyncio.AbstractEventLoop | None = None
         # told of every problem the user is shown (headless mode turns them into error events): (session id or None, message)
         self.problem_listeners: list[Callable[[str | None, str], None]] = []
@@ -114,12 +118,31 @@ class ChatApp(App[int]):
         state = self.store.load_state(self.startup_notes)
         self._apply_theme(self.options.theme or state.get("theme") or self.settings.ui.theme)
         self.theme_changed_signal.subscribe(self, lambda _theme: self.save_layout())
-        self._place_stats_panel()
+        self._place_stats_panel(self.size.width)
         if self.options.restore_tabs:
             await self._restore_tabs(state)
         for note in self.startup_notes:
             self.notify(note, severity="warning", timeout=10)
         self.set_interval(STATS_REFRESH_SECONDS, self.refresh_stats)
+        self.refresh_stats(force=True)
+        if self.options.on_shown is not None:
+            self.options.on_shown()
+
+    def show_model_progress(self, message: str) -> None:
+        """While the model loads behind the app (terminal UI): its progress, in the title bar."""
+        self.sub_title = message
+
+    def model_loaded(self, error: str | None) -> None:
+        """The model finished loading (``error`` None) or failed; tabs still on the old defaults take the model's."""
+        if error is not None:
+            self.sub_title = "the model did not load: chats can be read, not continued"
+            self.report_problem(error)
+            return
+        before, self._default_sampling = self._default_sampling, None
+        after = self.default_sampling()
+        for tab in self.chat_tabs.chat_tabs:
+            if tab.sampling == before:
+                tab.sampling = after
         self.refresh_stats(force=True)
 
     def _apply_theme(self, name: str) -> None:
@@ -145,9 +168,15 @@ class ChatApp(App[int]):
 
     # tabs ----------------------------------------------------------------------------------------
     def default_sampling(self) -> Sampling:
+        """New tabs' generation settings: config.toml's, else the model's own, else the fallback (``config.py``)."""
+        if self._default_sampling is not None:
+            return self._default_sampling
         generation = self.settings.generation
-        return Sampling(max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
-                        top_p=generation.top_p, max_time_ms=generation.max_time_ms)
+        self._default_sampling = Sampling(max_new_tokens=generation.max_new_tokens, temperature=generation.sampling_value("temperature"),
+                        top_p=generation.sampling_value("top_p"),
+                        repetition_penalty=generation.sampling_value("repetition_penalty"),
+                        max_time_ms=generation.max_time_ms)
+        return self._default_sampling
 
     def report_problem(self, message: str, session_id: str | None = None, severity: str = "error") -> None:
         """Show a problem the user should know about, and tell whoever listens (headless mode)."""
@@ -161,26 +190,28 @@ class ChatApp(App[int]):
         except StoreError as exc:
             self.report_problem(str(exc), conversation.id)
 
-    async def open_conversation(self, conversation: Conversation, activate: bool = True, persist: bool | None = None) -> ChatTab:
-        """Show a conversation in a tab (the one already showing it, if any)."""
+    async def open_conversation(self, conversation: Conversation, activate: bool = True, persist: bool | None = None,
+                                sampling: Sampling | None = None) -> ChatTab:
+        """Show a conversation in a tab (the one already showing it, if any); ``sampling``: its generation settings."""
         existing = self.chat_tabs.find(conversation.id)
         if existing is not None:
             self.chat_tabs.activate(existing)
             return existing
         persist = self.options.persist if persist is None else persist
         save = self.save_conversation if persist else (lambda _conversation: None)
-        tab = ChatTab(conversation, self.engine, save, self.default_sampling(), persisted=persist)
+        tab = ChatTab(conversation, self.engine, save, sampling or self.default_sampling(), persisted=persist)
         if conversation.model and hasattr(self.engine, "set_model"):  # the server's model chosen for it last time
             self.engine.set_model(conversation.id, conversation.model)
         await self.chat_tabs.add(tab, activate=activate)
         self.save_layout()
         return tab
 
-    async def open_new_conversation(self, name: str = "", system: str | None = None, session_id: str | None = None) -> ChatTab:
+    async def open_new_conversation(self, name: str = "", system: str | None = None, session_id: str | None = None,
+                                    sampling: Sampling | None = None) -> ChatTab:
         conversation = self.store.new_conversation(name or None, self.settings.generation.system_prompt if system is None else system)
         if session_id:
             conversation.id = session_id
-        tab = await self.open_conversation(conversation)
+        tab = await self.open_conversation(conversation, sampling=sampling)
         tab.save()  # saved at once, so the tab comes back even before its first message
         self.save_layout()
         return tab
@@ -249,11 +280,23 @@ class ChatApp(App[int]):
     def action_new_tab(self) -> None:
         async def create(request: NewTabRequest | None) -> None:
             if request is not None:
-                tab = await self.open_new_conversation(request.name, request.system)
+                tab = await self.open_new_conversation(request.name, request.system, sampling=request.sampling)
                 # after the dialog has gone, or the screen gives focus back to the input it had before
                 self.call_after_refresh(tab.focus_input)
 
-        self.push_screen(NewTabScreen(self.settings.generation.system_prompt), create)
+        self.push_screen(NewTabScreen(self.settings.generation.system_prompt, self.default_sampling()), create)
+
+    def action_generation_settings(self) -> None:
+        tab = self.chat_tabs.current
+        if tab is None:
+            return
+
+        def apply(sampling: Sampling | None) -> None:
+            if sampling is not None and tab.is_attached:
+                tab.sampling = sampling
+                self.notify(f"{tab.conversation.name!r}: {describe_sampling(sampling)} from its next reply on.", timeout=4)
+
+        self.push_screen(GenerationScreen(tab.conversation.name, tab.sampling), apply)
 
     def action_close_tab(self) -> None:
         tab = self.chat_tabs.current
@@ -337,7 +380,7 @@ class ChatApp(App[int]):
     async def fork_tab(self, tab: ChatTab, index: int, session_id: str | None = None, name: str | None = None) -> ChatTab:
         """Open a new tab holding messages 0..``index`` of ``tab`` (0-based, system prompt excluded), saved with its origin.
 
-        The new tab starts from a copy of the parent's KV (``Engine.fork_kv``), so its first turn prefills
+        The new tab shares the parent's KV blocks (``Engine.fork_kv``), so its first turn prefills
         only what follows the shared prefix. Raises ``TurnRefused`` for a position the tab does not have,
         or a ``session_id`` that is already in use; nothing changes then.
         """
@@ -351,11 +394,11 @@ class ChatApp(App[int]):
         if self.options.persist and self.store.session_file(session_id).exists():
             raise TurnRefused(f"A saved conversation with id {session_id!r} exists already; pick another id.")
         child = parent.fork(index, session_id, name or self._fork_name(parent.name))
-        copied = await asyncio.to_thread(self.engine.fork_kv, tab.session_id, session_id)
+        shared = await asyncio.to_thread(self.engine.fork_kv, tab.session_id, session_id)
         new_tab = await self.open_conversation(child, persist=tab.persisted and self.options.persist)
         new_tab.save()
         self.save_layout()
-        kv = f"{copied:,} tokens of KV copied from it" if copied else "its KV was not in memory, so the first turn recomputes it"
+        kv = f"{shared:,} tokens of KV shared with it" if shared else "its KV was not in memory, so the first turn recomputes it"
         self.notify(f"Forked {parent.name!r} at message {index}: {kv}.", timeout=5)
         return new_tab
 
@@ -372,10 +415,31 @@ class ChatApp(App[int]):
     def action_previous_tab(self) -> None:
         self.chat_tabs.step(-1)
 
-    def action_go_to_tab(self, number: int) -> None:
-        tabs = self.chat_tabs.chat_tabs
-        if 1 <= number <= len(tabs):
-            self.chat_tabs.activate(tabs[number - 1])
+    def action_scroll_history(self, where: str) -> None:
+        """PgUp/PgDn and Ctrl+Home/End in the message box move the current tab's history: page_up, page_down, top, bottom."""
+        tab = self.chat_tabs.current
+        if tab is not None:
+            tab.chat_view.scroll_to_place(where)
+
+    def action_copy_reply(self) -> None:
+        """Copy the current tab's last reply to the clipboard (OSC 52: the terminal must allow it; tmux needs set-clipboard on)."""
+        tab = self.chat_tabs.current
+        reply = tab.chat_view.last_reply_text() if tab is not None else None
+        if not reply:
+            self.notify("No reply to copy in this tab yet.", severity="warning", timeout=3)
+            return
+        self.copy_to_clipboard(reply)
+        self.notify(f"Copied the last reply ({len(reply)} characters).", timeout=3)
+
+    def action_copy_code(self) -> None:
+        """Copy the last code block of the current tab's replies to the clipboard."""
+        tab = self.chat_tabs.current
+        code = tab.chat_view.last_code_block() if tab is not None else None
+        if code is None:
+            self.notify("No code block in this tab's replies.", severity="warning", timeout=3)
+            return
+        self.copy_to_clipboard(code)
+        self.notify(f"Copied the last code block ({len(code.splitlines())} lines).", timeout=3)
 
     def action_toggle_stats(self) -> None:
         self._stats_toggled_by_user = True
@@ -466,13 +530,15 @@ class ChatApp(App[int]):
         return [tab.session_id for tab in self.chat_tabs.chat_tabs if tab.persisted]
 
     # stats panel -----------------------------------------------------------------------------------
-    def _place_stats_panel(self) -> None:
+    def _place_stats_panel(self, width: int) -> None:
         choice = self.settings.ui.stats_panel
-        self.stats_panel.display = choice == "show" or (choice == "auto" and self.size.width >= WIDE_ENOUGH_FOR_STATS)
+        self.stats_panel.display = choice == "show" or (choice == "auto" and width >= WIDE_ENOUGH_FOR_STATS)
 
-    def on_resize(self) -> None:
+    def on_resize(self, event: events.Resize) -> None:
+        # the event's size: this handler runs before Textual's own, so ``self.size`` still has the old one
         if not self._stats_toggled_by_user and self.stats_panel.is_mounted:
-            self._place_stats_panel()
+            self._place_stats_panel(event.size.width)
+            self.refresh_stats(force=True)
 
     def refresh_stats(self, force: bool = False) -> None:
         """Several times a second while any tab is writing; every couple of seconds otherwise."""
@@ -485,7 +551,14 @@ class ChatApp(App[int]):
             return
         self._stats_ticks = 0
         current = self.chat_tabs.current
-        panel.show_stats(self.engine.stats(), self.engine.session_stats(current.session_id) if current else None)
+        session = self.engine.session_stats(current.session_id) if current else None
+        last_reply = next((message.stats for message in reversed(current.conversation.messages)
+                           if message.role == "assistant" and message.stats), None) if current else None
+        ready = 0
+        for tab in self.chat_tabs.chat_tabs:
+            tab_session = session if tab is current else self.engine.session_stats(tab.session_id)
+            ready += tab_session is not None and not tab_session.resident and tab_session.on_disk_bytes > 0
+        panel.show_stats(self.engine.stats(), session, last_reply, ready)
 
 
 def make_app(settings: Settings, engine, store: ConversationStore, user_themes_dir: Path | None,

@@ -1,7 +1,9 @@
-"""``chatkv launch``: lock the data folder, load the model with visible progress, run the app, clean up.
+"""``chatkv launch``: lock the data folder, find the model, show the app at once while the model loads, clean up.
 
-Problems the user can fix (another chatkv on the same folder, a model that cannot be loaded) end
-with one line saying what to do, never a traceback.
+Problems the user can fix (another chatkv on the same folder, a model that cannot be found) end with
+one line saying what to do, never a traceback, and before torch is imported. The model itself loads on
+a thread behind a ``LoadingEngine``: the title bar shows its progress, saved chats can be read at once,
+and a message sent before it is ready is handed back with a note.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import sys
 
 from chatkv.crash import CRASH_EXIT_CODE, crash_summary
 from chatkv.engine.api import EngineError
-from chatkv.lock import DataDirLocked
-from chatkv.model.loader import ModelError
-from chatkv.runtime import open_runtime
+from chatkv.lock import DataDirLock, DataDirLocked
+from chatkv.model.errors import ModelError
+from chatkv.runtime import LoadingEngine, find_model, open_runtime, start_engine
+from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, ChatApp, make_app
 
 
@@ -21,7 +24,7 @@ def say(message: str) -> None:
 
 
 class EngineNotes:
-    """Sends the engine's notes to the app once it runs, to the terminal before and after."""
+    """Sends the engine's notes (and the model's progress) to the app once it runs, to the terminal before and after."""
 
     def __init__(self) -> None:
         self.app: ChatApp | None = None
@@ -33,11 +36,73 @@ class EngineNotes:
         else:
             say(message)
 
+    def progress(self, message: str) -> None:
+        app = self.app
+        try:
+            if app is not None and app.is_running:
+                app.call_from_thread(app.show_model_progress, message)
+                return
+        except RuntimeError:  # the app closed in between
+            pass
+        say(message)
+
 
 def run_tui(context) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         say("the chat needs a terminal; to drive it from a script use --headless --script FILE")
         return 2
+    if context.settings.backend.url:
+        return _run_with_server(context)
+    args, settings, paths = context.args, context.settings, context.paths
+    notes = EngineNotes()
+    try:
+        lock = DataDirLock(paths.data).acquire()
+    except DataDirLocked as exc:
+        say(str(exc))
+        return 1
+    try:
+        try:
+            models_dir = find_model(settings, paths, say)
+        except ModelError as exc:
+            say(str(exc))
+            return 1
+        app: ChatApp | None = None
+
+        def load():
+            return start_engine(settings, paths, models_dir, notes.progress, notes)
+
+        def done(error: str | None) -> None:
+            try:
+                if app is not None and app.is_running:
+                    app.call_from_thread(app.model_loaded, error)
+                    return
+            except RuntimeError:  # the app closed in between
+                pass
+            if error:
+                say(error)
+
+        engine = LoadingEngine(load, done)
+        # the load starts once the app shows, so its progress reaches the title bar
+        options = AppOptions(new_tab=args.new, theme=args.theme, on_shown=engine.start)
+        app = make_app(settings, engine, ConversationStore(paths), paths.user_themes, options)
+        notes.app = app
+        try:
+            code = app.run()
+            notes.app = None
+            if app.crash is not None:
+                snapshot_after_crash(engine, app.crash_session_ids)
+                say(crash_summary(app.crash, app.crash_log))
+                return CRASH_EXIT_CODE
+        finally:
+            notes.app = None
+            engine.close()
+    finally:
+        lock.release()
+    return code or app.return_code or 0
+
+
+def _run_with_server(context) -> int:
+    """``--backend URL``: a server does the model's work, so there is nothing to load behind the app."""
     args, settings, paths = context.args, context.settings, context.paths
     notes = EngineNotes()
     try:

@@ -90,6 +90,7 @@ def main() -> int:
 
     settings = Settings()
     settings.generation.max_new_tokens = WARM_UP_REPLY_TOKENS
+    settings.generation.temperature = 0.0  # greedy: the same replies, so the same screenshot, on every run
     settings.ui.stats_panel = "show"
     settings.kv.max_bytes_total = KV_BUDGET_BYTES
     if args.model:

@@ -6,8 +6,8 @@ import importlib
 from typing import Callable
 
 # in the order a full run takes them
-NAMES = ("seed", "multiturn", "batching", "memory", "limits", "snapshot", "speed", "contention", "branching")
+NAMES = ("seed", "multiturn", "batching", "shared-prefix", "memory", "limits", "snapshot", "speed", "contention", "branching")
 
 
 def runner(name: str) -> Callable:
-    return importlib.import_module(f"chatkv.bench.scenarios.{name}").run
+    return importlib.import_module(f"chatkv.bench.scenarios.{name.replace('-', '_')}").run

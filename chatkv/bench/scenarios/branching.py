@@ -5,9 +5,10 @@ their first token, each in the engine that holds the conversation's KV and again
 the KV cache off (the same prompt recomputed):
 - regenerate: the last turn's prompt again (its reply is replaced);
 - edit at middle: the middle user message rewritten, everything after it dropped;
-- fork: a new session started from the parent's KV (``Engine.fork_kv``) and sent a new message.
+- fork: a new session sharing the parent's KV blocks (``Engine.fork_kv``) and sent a new message.
 Memory: the KV bytes held by the parent plus 3 forks (each answering one new message), against 4
-independent sessions that each served the whole conversation.
+independent sessions that each served the whole conversation (prefix sharing off, so each holds its
+own copy).
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def run(ctx: BenchContext) -> ScenarioResult:
             engine.fork_kv(PARENT, child)
             run_turn(engine, child, history + [Message("user", text)], REPLY_TOKENS)
         forked_bytes = engine.stats().bytes
-        fork_copied_bytes = engine.stats().fork_copied_bytes
+        shared_bytes_saved = engine.stats().shared_bytes_saved
     ctx.progress("branching: KV bytes of 4 independent copies")
-    with running_engine(bundle, ctx.engine_settings()) as engine:
+    with running_engine(bundle, _no_sharing(ctx)) as engine:
         for number, text in enumerate(("", *FORK_MESSAGES)):
             session = f"{PARENT}-copy-{number}"
             run_turn(engine, session, history[:-1], REPLY_TOKENS)  # the whole conversation, prefilled at once
@@ -96,12 +97,13 @@ def run(ctx: BenchContext) -> ScenarioResult:
         result.figures[kind]["same_reply"] = all(c["reply_ids"] == r["reply_ids"]
                                                  for c, r in zip(samples[kind]["cached"], samples[kind]["recomputed"]))
     result.figures["memory"] = {
-        "parent_bytes": parent_bytes, "parent_and_3_forks_bytes": forked_bytes, "fork_copied_bytes": fork_copied_bytes,
+        "parent_bytes": parent_bytes, "parent_and_3_forks_bytes": forked_bytes, "shared_bytes_saved": shared_bytes_saved,
         "4_independent_copies_bytes": copies_bytes, "forks_vs_copies": ratio(forked_bytes, copies_bytes),
     }
     result.tables.extend(_tables(result.figures, conversation_tokens))
-    result.notes.append("forks copy the parent's KV once (Engine.fork_kv); a store that shares blocks would hold "
-                        "the common prefix once.")
+    result.notes.append("forks share the parent's full KV blocks (Engine.fork_kv: reference-counted, copied on "
+                        "write), so the common prefix is held once; the 4 independent copies run with prefix "
+                        "sharing off.")
     return result
 
 
@@ -128,6 +130,12 @@ def _branch_prompts(history: list[Message]) -> dict[str, list[Message]]:
 def _no_cache(ctx: BenchContext):
     settings = ctx.engine_settings()
     settings.kv.enabled = False
+    return settings
+
+
+def _no_sharing(ctx: BenchContext):
+    settings = ctx.engine_settings()
+    settings.kv.share_prefixes = False
     return settings
 
 

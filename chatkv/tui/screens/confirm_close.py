@@ -9,7 +9,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label
+from textual.widgets import Button, Static
+
+CLOSE_EXPLAINED = ("Closing keeps the conversation saved: reopen it from the command palette (Ctrl+P, \"Reopen\"). "
+                   "Deleting removes it and its KV snapshot.")
 
 
 class CloseChoice(Enum):
@@ -27,6 +30,7 @@ class ConfirmCloseScreen(ModalScreen[CloseChoice | None]):
         border: thick $warning;
         background: $surface;
     }
+    ConfirmCloseScreen Static { width: 1fr; }
     ConfirmCloseScreen Horizontal { height: auto; align-horizontal: right; margin-top: 1; }
     ConfirmCloseScreen Button { margin-left: 1; }
     """
@@ -42,8 +46,8 @@ class ConfirmCloseScreen(ModalScreen[CloseChoice | None]):
         if self.generating:
             question += " Its reply is still being written and will be stopped."
         with Vertical():
-            yield Label(Content(question))
-            yield Label(Content("Closing keeps the conversation saved (see `chatkv sessions`); deleting removes it."))
+            yield Static(Content(question))
+            yield Static(Content(CLOSE_EXPLAINED))
             with Horizontal():
                 yield Button("Cancel", id="cancel")
                 yield Button("Delete", id="delete", variant="error")

@@ -243,6 +243,9 @@ class ChatTab(TabPane):
         self.post_message(self.BusyChanged(self))
         view = self.chat_view
         await view.show_from(history, keep)
+        loaded = getattr(self.engine, "until_loaded", None)
+        if loaded is not None:  # the terminal UI shows before the model is ready: the message goes once it is
+            await loaded()
         try:
             handle = self.engine.submit(self.session_id, conversation.prompt_messages(), sampling)
         except EngineError as exc:

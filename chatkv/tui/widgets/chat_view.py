@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from textual import events
-from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message as TextualMessage
 from textual.widget import Widget
 
 from chatkv.conversation import Message
-from chatkv.tui.widgets.messages import AssistantReply, ChatNote, UserMessage
+from chatkv.tui.keys import CHAT_VIEW_BINDINGS
+from chatkv.tui.widgets.messages import AssistantReply, ChatNote, UserMessage, code_blocks
 
 MessageBlock = UserMessage | AssistantReply
 
@@ -33,14 +33,7 @@ class ChatView(VerticalScroll):
     }
     ChatView:focus > .-selected { outline-left: thick $accent; background: $boost; }
     """
-    BINDINGS = [
-        Binding("up", "select(-1)", "Previous message", show=False),
-        Binding("down", "select(1)", "Next message", show=False),
-        Binding("home", "select_at(0)", "First message", show=False),
-        Binding("end", "select_at(-1)", "Last message", show=False),
-        Binding("e,enter", "edit_selected", "Edit & resend", id="edit_message"),
-        Binding("f", "fork_selected", "Fork here", id="fork_message"),
-    ]
+    BINDINGS = CHAT_VIEW_BINDINGS
 
     @dataclass
     class EditRequested(TextualMessage):
@@ -159,3 +152,29 @@ class ChatView(VerticalScroll):
                 self.select_message(widget.message_index)
                 return
             widget = widget.parent  # type: ignore[assignment]
+    def scroll_to_place(self, where: str) -> None:
+        """``page_up``, ``page_down``, ``top`` or ``bottom``; going back to the bottom follows new text again."""
+        if where == "page_up":
+            self.scroll_page_up()
+        elif where == "page_down":
+            self.scroll_page_down()
+        elif where == "top":
+            self.scroll_home(animate=False)
+        elif where == "bottom":
+            self.scroll_end(animate=False)
+            self.anchor()
+        else:
+            raise ValueError(f"unknown place {where!r}")
+
+    def last_reply_text(self) -> str | None:
+        """The newest reply as the model wrote it (the part written so far, while it streams); None if there is none."""
+        replies = self.replies
+        return replies[-1].text if replies else None
+
+    def last_code_block(self) -> str | None:
+        """The last fenced or indented code block in this chat's replies, newest reply first; None if there is none."""
+        for reply in reversed(self.replies):
+            blocks = code_blocks(reply.text)
+            if blocks:
+                return blocks[-1]
+        return None

@@ -33,9 +33,24 @@ FINISH_NOTES = {
 }
 
 
+def _keep_line_breaks(state) -> None:
+    """A single newline inside a paragraph is a soft break, which Textual's Markdown shows as a space; make it a hard one."""
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
+
+
 def reply_parser() -> MarkdownIt:
     """GitHub-flavoured Markdown with raw HTML shown as text; single newlines kept, as the model wrote them."""
-    return MarkdownIt("gfm-like", {"html": False, "breaks": True})
+    parser = MarkdownIt("gfm-like", {"html": False, "breaks": True})
+    parser.core.ruler.push("keep_line_breaks", _keep_line_breaks)
+    return parser
+
+
+def code_blocks(markdown: str) -> list[str]:
+    """The contents of the fenced and indented code blocks in ``markdown``, in order, without their fences."""
+    return [token.content for token in reply_parser().parse(markdown) if token.type in ("fence", "code_block")]
 
 
 def describe_reply(stats: dict[str, Any]) -> str:

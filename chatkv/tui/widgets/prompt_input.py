@@ -1,4 +1,8 @@
-"""Where the user types: Enter sends, Ctrl+J (or Shift+Enter / Alt+Enter where the terminal tells them apart) adds a newline."""
+"""Where the user types: Enter sends, Ctrl+J (or Shift+Enter / Alt+Enter where the terminal tells them apart) adds a newline.
+
+The editing keys are TextArea's (readline-like: Ctrl+W deletes a word); PgUp/PgDn and Ctrl+Home/End scroll the
+chat history instead (``chatkv.tui.keys``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,13 @@ from textual import events
 from textual.message import Message
 from textual.widgets import TextArea
 
+from chatkv.tui.keys import HISTORY_BINDINGS
+
 NEWLINE_KEYS = {"ctrl+j", "shift+enter", "alt+enter"}
 
 
 class PromptInput(TextArea):
+    BINDINGS = HISTORY_BINDINGS
     DEFAULT_CSS = """
     PromptInput {
         height: auto;

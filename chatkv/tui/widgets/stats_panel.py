@@ -16,6 +16,7 @@ from textual.widget import Widget
 from textual.widgets import Label, Sparkline, Static
 
 from chatkv.engine.api import EngineStats, SessionStats
+from chatkv.engine.metrics import WINDOW_SECONDS
 from chatkv.tui.widgets.memory_bar import MemoryBar
 from chatkv.tui.widgets.number_format import (
     NO_VALUE,
@@ -50,18 +51,33 @@ def hit_rate_lines(stats: EngineStats) -> list[Line]:
 
 
 def memory_lines(stats: EngineStats) -> list[Line]:
+    # "reserved" is what the budget and the bar count: each session holds room ahead of its tokens, so a short
+    # chat reserves far more than its tokens use.
     budget = f"of {format_bytes(stats.budget_bytes)}" if stats.budget_bytes > 0 else "(no budget)"
     return [
-        ("used", f"{format_bytes(stats.bytes)} {budget}"),
+        ("used", f"{format_bytes(stats.used_bytes)} by {format_count(stats.tokens)} tok"),
+        ("reserved", f"{format_bytes(stats.bytes)} {budget}"),
         ("peak", format_bytes(stats.peak_bytes)),
-        ("resident", f"{format_quantity(stats.sessions, 'session')} · {format_count(stats.tokens)} tok"),
-    ] + ([("forks", f"{format_count(stats.forks)} · {format_bytes(stats.fork_copied_bytes)} copied")] if stats.forks else [])
+        ("resident", format_quantity(stats.sessions, "session")),
+    ] + ([("shared", f"{format_quantity(stats.shared_blocks, 'block')} · {format_bytes(stats.shared_bytes_saved)} saved")]
+         if stats.shared_blocks else [])  # blocks held by several sessions (forks, common prefixes), held once
+
+
+RATE_WINDOW = f"last {WINDOW_SECONDS:g} s"
+
+
+def _live_rate(stats: EngineStats, tokens_per_second: float) -> str:
+    # A rolling rate is only meaningful while turns run; once idle it would mix the end of one reply with
+    # silence, so the panel says idle instead (each reply's own rate is in its footer and under "This tab").
+    if stats.active_turns == 0:
+        return "idle"
+    return f"{format_rate(tokens_per_second)} · {RATE_WINDOW}"
 
 
 def decode_lines(stats: EngineStats) -> list[Line]:
     # The sparkline below this line is Textual's: it scales between the lowest and highest recent rate, so it
     # shows the shape of throughput over time while this figure gives its level.
-    lines = [("decode", format_rate(stats.decode_tok_s))]
+    lines = [("decode", _live_rate(stats, stats.decode_tok_s))]
     if stats.threads:  # the local engine: how many threads compute, with which weights (a server does not say)
         lines.append(("engine", f"{format_quantity(stats.threads, 'thread')} · {stats.weights or NO_VALUE}"))
     return lines
@@ -71,7 +87,7 @@ def prefill_lines(stats: EngineStats) -> list[Line]:
     # The first turn has a TTFT as soon as its first token is out, before it counts as a finished turn.
     ttft = format_ms(stats.last_ttft_ms) if stats.turns > 0 or stats.last_ttft_ms > 0 else NO_VALUE
     return [
-        ("prefill", format_rate(stats.prefill_tok_s)),
+        ("prefill", _live_rate(stats, stats.prefill_tok_s)),
         ("TTFT", f"{ttft} last turn"),
         ("generated", f"{format_count(stats.generated_tokens)} tok"),
     ]
@@ -86,26 +102,33 @@ def batching_lines(stats: EngineStats) -> list[Line]:
     ]
 
 
-def snapshot_lines(stats: EngineStats) -> list[Line]:
+def snapshot_lines(stats: EngineStats, ready_tabs: int = 0) -> list[Line]:
+    """``ready_tabs``: open tabs whose KV is on disk only, to be restored by their next turn."""
     budget = f" of {format_bytes(stats.disk_budget_bytes)}" if stats.disk_budget_bytes > 0 else ""
     return [
         ("restores", f"{format_count(stats.disk_restores)} · {format_count(stats.disk_reused_tokens)} tok"),
+        ("ready", f"{format_quantity(ready_tabs, 'tab')} on disk"),
         ("on disk", f"{format_bytes(stats.disk_bytes)}{budget}"),
     ]
 
 
-def session_lines(session: SessionStats | None) -> list[Line]:
+def session_lines(session: SessionStats | None, last_reply: dict | None = None) -> list[Line]:
+    """``last_reply``: the figures of the tab's newest reply (a saved message's ``stats``), if it has one."""
+    reply = NO_VALUE
+    if last_reply and last_reply.get("decode_tok_s") is not None:
+        reply = f"{format_rate(last_reply['decode_tok_s'])} · {format_count(last_reply.get('new_tokens', 0))} tok"
     if session is None:
-        return [("cached", NO_VALUE), ("where", NO_VALUE)]
+        return [("cached", NO_VALUE), ("where", NO_VALUE), ("reply", reply)]
     if session.resident:
         where = "memory"
     elif session.on_disk_bytes > 0:
-        where = f"disk · {format_bytes(session.on_disk_bytes)}"
+        where = f"ready on disk · {format_bytes(session.on_disk_bytes)}"
     else:
         where = "not cached"
     return [
         ("cached", f"{format_count(session.tokens)} tok · {format_bytes(session.bytes)}"),
         ("where", where),
+        ("reply", reply),
     ]
 
 
@@ -259,11 +282,13 @@ class StatsPanel(Widget, can_focus=False):
         yield Label("This tab", classes="stats-heading")
         yield self.session
 
-    def show_stats(self, stats: EngineStats, session: SessionStats | None) -> None:
-        """Show the engine's figures and, when a tab is selected, that tab's session.
+    def show_stats(self, stats: EngineStats, session: SessionStats | None, last_reply: dict | None = None,
+                   ready_tabs: int = 0) -> None:
+        """Show the engine's figures and, when a tab is selected, that tab's session and the figures of its last reply.
 
-        With a remote server (``stats.server`` set) the local KV, batching and snapshot sections are hidden
-        and the server's own figures are shown instead.
+        ``ready_tabs``: open tabs whose KV waits on disk for their next turn. With a remote server
+        (``stats.server`` set) the local KV, batching and snapshot sections are hidden and the server's own
+        figures are shown instead.
         """
         remote = stats.server is not None
         if self.server.display != remote:
@@ -273,7 +298,7 @@ class StatsPanel(Widget, can_focus=False):
         if remote:
             self._show_server(stats, session)
         else:
-            self._show_local(stats, session)
+            self._show_local(stats, session, last_reply, ready_tabs)
         if stats.decode_tok_s_history != self.decode_history:
             # A copy: the engine may reuse its list, and the comparison above needs the values as shown.
             self.decode_history = list(stats.decode_tok_s_history)
@@ -281,15 +306,16 @@ class StatsPanel(Widget, can_focus=False):
             # a line needs two points to say anything, so until then the sparkline stays at its baseline.
             self.decode_sparkline.data = self.decode_history if len(self.decode_history) >= 2 else []
 
-    def _show_local(self, stats: EngineStats, session: SessionStats | None) -> None:
+    def _show_local(self, stats: EngineStats, session: SessionStats | None, last_reply: dict | None,
+                    ready_tabs: int) -> None:
         self.hit_rate.show(hit_rate_lines(stats))
         self.memory_bar.set_usage(stats.bytes, stats.peak_bytes, stats.budget_bytes)
         self.memory.show(memory_lines(stats))
         self.decode.show(decode_lines(stats))
         self.prefill.show(prefill_lines(stats))
         self.batching.show(batching_lines(stats))
-        self.snapshots.show(snapshot_lines(stats))
-        self.session.show(session_lines(session))
+        self.snapshots.show(snapshot_lines(stats, ready_tabs))
+        self.session.show(session_lines(session, last_reply))
 
     def _show_server(self, stats: EngineStats, session: SessionStats | None) -> None:
         self.hit_rate.show(server_reuse_lines(stats))

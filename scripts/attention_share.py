@@ -1,0 +1,88 @@
+"""Where a decode step's time goes at 16 sessions: attention's share, and aggregate decode tok/s.
+
+    .venv/bin/python scripts/attention_share.py [--sessions 16] [--dtype auto] [--new-tokens 64]
+
+Sixteen sessions (~120-token prompts) decode together; every forward pass in which all of them decode
+one token is timed, and so is every call of the engine's attention function inside it (on the CPU
+there is nothing asynchronous to wait for, so wall time is the cost). Prints one JSON line. It only
+uses the engine's public pieces (``Engine``, ``ModelRunner.forward``, the registered attention
+function), so the same script measures an older checkout put first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import AttentionInterface
+
+from chatkv.config import Settings
+from chatkv.conversation import Message
+from chatkv.engine import Engine, Sampling
+from chatkv.engine import attention
+from chatkv.model import load_model
+from chatkv.paths import Paths, ensure_private_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    bundle = load_model("smollm2", ensure_private_dir(Paths.resolve(None).models), dtype=args.dtype,
+                        progress=lambda message: None, allow_pull=False)
+    settings = Settings()
+    settings.batching.max_batch_size = args.sessions
+    settings.snapshot.enabled = False
+    engine = Engine(bundle, settings)
+
+    in_attention = [0.0]
+
+    def timed_attention(*call_args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return attention.packed_attention(*call_args, **kwargs)
+        finally:
+            in_attention[0] += time.perf_counter() - started
+
+    AttentionInterface.register(attention.ATTENTION_NAME, timed_attention)
+    steps: list[tuple[float, float]] = []
+    forward = engine.runner.forward
+
+    def timed_forward(input_ids, positions, segments, logits_rows, *rest, **kwargs):
+        in_attention[0] = 0.0
+        started = time.perf_counter()
+        logits = forward(input_ids, positions, segments, logits_rows, *rest, **kwargs)
+        seconds = time.perf_counter() - started
+        if len(input_ids) == args.sessions and len(logits_rows) == args.sessions:  # every session decoding
+            steps.append((seconds, in_attention[0]))
+        return logits
+
+    engine.runner.forward = timed_forward
+    topics = ["rivers", "volcanoes", "deserts", "glaciers", "forests", "oceans", "mountains", "islands"]
+    handles = []
+    for index in range(args.sessions):
+        text = (f"Story {index}: " + " ".join(f"a fact about {topics[(index + i) % 8]}." for i in range(20))
+                + " Now write a long story about it.")
+        handles.append(engine.submit(f"p{index}", [Message("user", text)], Sampling(max_new_tokens=args.new_tokens)))
+    started = time.perf_counter()
+    engine.drain()
+    wall = time.perf_counter() - started
+    results = [handle.wait(0) for handle in handles]
+    step = statistics.median(s for s, _ in steps)
+    attn = statistics.median(a for _, a in steps)
+    print(json.dumps({
+        "engine": attention.__file__, "torch_threads": torch.get_num_threads(), "dtype": str(bundle.dtype),
+        "sessions": args.sessions, "decode_steps_timed": len(steps),
+        "decode_step_ms_median": round(step * 1000, 2), "attention_ms_per_step_median": round(attn * 1000, 2),
+        "attention_share": round(attn / step, 3), "decode_tok_s_from_steps": round(args.sessions / step, 1),
+        "new_tokens": sum(r.new_tokens for r in results), "wall_s_including_prefill": round(wall, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()

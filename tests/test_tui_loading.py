@@ -1,0 +1,86 @@
+"""The terminal UI shows at once and loads the model behind it (``LoadingEngine``): saved chats can be read
+while it loads, a message sent meanwhile goes once it is ready, and a failed load is shown, not a crash.
+
+The model load is a stand-in that waits for the test (the stand-in engine replies): what matters here is
+what the app does around the load, not the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from chatkv.config import Settings
+from chatkv.conversation import Message
+from chatkv.model.errors import ModelError
+from chatkv.paths import Paths
+from chatkv.runtime import LoadingEngine
+from chatkv.store import ConversationStore
+from chatkv.tui.app import AppOptions, make_app
+from stand_in_engine import StandInEngine
+from test_tui_app import SIZE, screen_text, wait_until
+
+
+@pytest.fixture
+def store(data_dir: Path) -> ConversationStore:
+    return ConversationStore(Paths.resolve(data_dir))
+
+
+def held_load(release: threading.Event, result):
+    def load():
+        release.wait(30)
+        if isinstance(result, Exception):
+            raise result
+        return result
+    return load
+
+
+async def test_saved_chats_show_while_the_model_loads_and_a_message_sent_meanwhile_goes_once_it_is_ready(store):
+    conversation = store.new_conversation("earlier", "")
+    conversation.messages += [Message("user", "What is tmux?"), Message("assistant", "A terminal multiplexer.", [1])]
+    store.save(conversation)
+    store.save_state({"open_tabs": [conversation.id], "active_tab": conversation.id, "theme": "chatkv-dark"})
+    release = threading.Event()
+    app = None
+    engine = LoadingEngine(held_load(release, StandInEngine(["It splits terminals."])),
+                           lambda error: app.call_from_thread(app.model_loaded, error))
+    app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            assert "A terminal multiplexer." in screen_text(app)  # readable before the model is there
+            tab = app.chat_tabs.current
+            tab.prompt_input.load_text("And screen?")
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            assert tab.generating and len(tab.conversation.messages) == 3  # waiting for the model, not refused
+            release.set()
+            await wait_until(pilot, lambda: not tab.generating)
+            assert tab.conversation.messages[-1].content == "It splits terminals."
+    finally:
+        release.set()
+        engine.close()
+
+
+async def test_a_model_that_fails_to_load_is_reported_and_the_message_is_handed_back(store):
+    release = threading.Event()
+    app = None
+    engine = LoadingEngine(held_load(release, ModelError("No such GGUF file: /nope.gguf")),
+                           lambda error: app.call_from_thread(app.model_loaded, error))
+    app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            tab = app.chat_tabs.current
+            release.set()
+            await wait_until(pilot, lambda: not engine.loading)
+            await pilot.pause(0.1)
+            assert "did not load" in app.sub_title
+            tab.prompt_input.load_text("hello?")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: not tab.generating)
+            assert tab.prompt_input.text == "hello?" and tab.conversation.messages == []
+            assert "No such GGUF file" in screen_text(app)
+    finally:
+        release.set()
+        engine.close()
