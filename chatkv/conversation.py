@@ -79,6 +79,29 @@ def new_session_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+@dataclass(frozen=True)
+class ForkOrigin:
+    """Where a forked conversation came from: the parent's id and name, and the last message copied from it."""
+
+    session: str
+    name: str
+    message: int  # position in the parent's messages (system prompt excluded), 0-based
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"session": self.session, "name": self.name, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ForkOrigin":
+        if not isinstance(data, dict):
+            raise ValueError(f"forked_from must be an object, got {_type_name(data)}")
+        session, name, message = data.get("session"), data.get("name"), data.get("message")
+        if not isinstance(session, str) or not isinstance(name, str):
+            raise ValueError("forked_from.session and forked_from.name must be strings")
+        if not isinstance(message, int) or isinstance(message, bool) or message < 0:
+            raise ValueError(f"forked_from.message must be a non-negative integer, got {message!r}")
+        return cls(session, name, message)
+
+
 @dataclass
 class Conversation:
     id: str
@@ -87,6 +110,7 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    forked_from: ForkOrigin | None = None
     model: str | None = None  # a remote server's model chosen for this conversation (--backend); None: the default
 
     def prompt_messages(self) -> list[Message]:
@@ -98,6 +122,18 @@ class Conversation:
     def turns(self) -> int:
         return sum(1 for message in self.messages if message.role == "user")
 
+    def fork(self, message: int, new_id: str, name: str) -> "Conversation":
+        """A new conversation holding copies of messages 0..``message`` (system prompt kept), noting its origin.
+
+        Raises ``IndexError`` if ``message`` is not a position in ``messages``.
+        """
+        if not 0 <= message < len(self.messages):
+            raise IndexError(message)
+        copied = [Message(m.role, m.content, list(m.token_ids) if m.token_ids is not None else None,
+                          dict(m.stats) if m.stats else None) for m in self.messages[: message + 1]]
+        return Conversation(id=new_id, name=name, system=self.system, messages=copied, model=self.model,
+                            forked_from=ForkOrigin(self.id, self.name, message))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": FORMAT_VERSION,
@@ -107,6 +143,7 @@ class Conversation:
             "created": self.created,
             "updated": self.updated,
             "messages": [message.to_dict() for message in self.messages],
+            **({"forked_from": self.forked_from.to_dict()} if self.forked_from else {}),
             **({"model": self.model} if self.model else {}),
         }
 
@@ -141,6 +178,7 @@ class Conversation:
                 messages.append(Message.from_dict(item))
             except ValueError as exc:
                 raise ValueError(f"messages[{position}]: {exc}") from None
+        forked_from = data.get("forked_from")
         model = data.get("model")
         if model is not None and not isinstance(model, str):
             raise ValueError(f"model must be a string, got {_type_name(model)}")
@@ -151,5 +189,6 @@ class Conversation:
             messages=messages,
             created=_check_timestamp(data, "created"),
             updated=_check_timestamp(data, "updated"),
+            forked_from=ForkOrigin.from_dict(forked_from) if forked_from is not None else None,
             model=model or None,
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sys
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Callable
 
 import orjson
 from textual.pilot import Pilot
@@ -28,7 +28,7 @@ from chatkv.runtime import open_runtime
 from chatkv.session_id import is_valid_session_id
 from chatkv.store import SessionNotFound, StoreError
 from chatkv.tui.app import AppOptions, ChatApp, make_app
-from chatkv.tui.widgets.chat_tab import ChatTab
+from chatkv.tui.widgets.chat_tab import ChatTab, TurnRefused
 
 STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hit_rate", "evictions", "reused_tokens",
                 "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s",
@@ -51,6 +51,7 @@ class EventWriter:
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
         self.errors = 0
+        self.tab_names: dict[str, str] = {}  # session id -> the script's name for its tab
 
     def emit(self, event: dict[str, Any]) -> None:
         self.stream.write(orjson.dumps(event).decode() + "\n")
@@ -63,6 +64,8 @@ class EventWriter:
     def turn(self, tab: str, turn: int, result: TurnResult, trace: bool) -> None:
         event = {"event": "turn", "tab": tab, "turn": turn, "reply": result.reply}
         event.update({field: getattr(result, field) for field in TURN_FIELDS})
+        if result.shared_from is not None:  # the session whose KV this turn shared (a fork's parent): the script's name
+            event["shared_from"] = self.tab_names.get(result.shared_from, result.shared_from)
         if result.reused_from == "server":
             event["shared_tokens"] = None  # which of its cached tokens a server shared between requests is not reported
         if trace:
@@ -119,6 +122,12 @@ class ScriptRunner:
             await self.open(op)
         elif op.name == "send":
             self.send(op)
+        elif op.name == "regenerate":
+            self.regenerate(op)
+        elif op.name == "edit":
+            self.edit(op)
+        elif op.name == "fork":
+            await self.fork(op)
         elif op.name == "wait":
             await self.wait_all()
         elif op.name == "stats":
@@ -148,9 +157,9 @@ class ScriptRunner:
             if op.system is not None:
                 conversation.system = op.system
             tab = await self.app.open_conversation(conversation)
-        if self.stream_tokens:
-            tab.token_listeners.append(lambda text, name=op.tab: self.events.emit({"event": "token", "tab": name, "text": text}))
+        self.listen(op.tab, tab)
         self.tabs[op.tab] = tab
+        self.events.tab_names[tab.session_id] = op.tab
 
     def saved_conversation(self, tab_name: str):
         """The saved session whose id is this tab's name, if there is one: opening it resumes it."""
@@ -166,6 +175,19 @@ class ScriptRunner:
     def send(self, op: Op) -> None:
         tab = self.open_tab(op)
         assert op.text is not None
+        self.queue_turn(op, tab, lambda sampling: tab.send(op.text, sampling))
+
+    def regenerate(self, op: Op) -> None:
+        tab = self.open_tab(op)
+        self.queue_turn(op, tab, tab.regenerate)
+
+    def edit(self, op: Op) -> None:
+        tab = self.open_tab(op)
+        assert op.text is not None and op.message is not None
+        self.queue_turn(op, tab, lambda sampling: tab.edit(op.message, op.text, sampling))
+
+    def queue_turn(self, op: Op, tab: ChatTab, start: Callable[[Sampling], object]) -> None:
+        """Start the turn once the tab's previous one has ended; the script goes on at once."""
         defaults = tab.sampling
         sampling = Sampling(
             max_new_tokens=op.max_new_tokens or defaults.max_new_tokens,
@@ -175,12 +197,17 @@ class ScriptRunner:
             max_time_ms=defaults.max_time_ms,
         )
         previous = self.turns.get(op.tab)
-        self.turns[op.tab] = asyncio.create_task(self.run_turn(op.tab, tab, op.text, sampling, previous))
+        self.turns[op.tab] = asyncio.create_task(self.run_turn(op.tab, tab, start, sampling, previous))
 
-    async def run_turn(self, name: str, tab: ChatTab, text: str, sampling: Sampling, previous: asyncio.Task | None) -> None:
+    async def run_turn(self, name: str, tab: ChatTab, start: Callable[[Sampling], object], sampling: Sampling,
+                       previous: asyncio.Task | None) -> None:
         if previous is not None:
             await previous
-        tab.send(text, sampling)
+        try:
+            start(sampling)
+        except TurnRefused as exc:  # a bad message position, say: nothing changed
+            self.events.error(name, str(exc))
+            return
         outcome = await tab.wait_for_turn()
         if outcome is None:
             self.events.error(name, "the turn was cut off before it finished")
@@ -189,6 +216,28 @@ class ScriptRunner:
         else:
             assert outcome.result is not None
             self.events.turn(name, outcome.turn, outcome.result, self.trace)
+
+    async def fork(self, op: Op) -> None:
+        """Open ``new_tab`` holding messages 0..``message`` of ``tab``, once the tab's turns so far have ended."""
+        tab = self.open_tab(op)
+        assert op.new_tab is not None and op.message is not None
+        if op.new_tab in self.tabs:
+            raise ScriptError(f"line {op.line}: tab {op.new_tab!r} is already open", op.tab)
+        pending = self.turns.get(op.tab)
+        if pending is not None:
+            await pending
+        session_id = op.new_tab if is_valid_session_id(op.new_tab) else None
+        try:
+            child = await self.app.fork_tab(tab, op.message, session_id=session_id)
+        except TurnRefused as exc:
+            raise ScriptError(f"line {op.line}: {exc}", op.tab) from None
+        self.listen(op.new_tab, child)
+        self.tabs[op.new_tab] = child
+        self.events.tab_names[child.session_id] = op.new_tab
+
+    def listen(self, name: str, tab: ChatTab) -> None:
+        if self.stream_tokens:
+            tab.token_listeners.append(lambda text: self.events.emit({"event": "token", "tab": name, "text": text}))
 
     async def close(self, op: Op) -> None:
         tab = self.open_tab(op)

@@ -11,8 +11,9 @@ from typing import Any
 
 import orjson
 
-OPS = ("open", "send", "wait", "stats", "snapshot", "close", "quit")
-NEEDS_TAB = {"open", "send", "close"}
+OPS = ("open", "send", "wait", "stats", "snapshot", "close", "quit", "regenerate", "edit", "fork")
+NEEDS_TAB = {"open", "send", "close", "regenerate", "edit", "fork"}
+NEEDS_MESSAGE = {"edit", "fork"}
 
 
 class ScriptError(Exception):
@@ -29,8 +30,10 @@ class Op:
     text: str | None = None  # send
     system: str | None = None  # open
     title: str | None = None  # open: the tab's display name ("name" in the script)
-    max_new_tokens: int | None = None  # send
-    temperature: float | None = None  # send
+    max_new_tokens: int | None = None  # send, regenerate, edit
+    temperature: float | None = None  # send, regenerate, edit
+    message: int | None = None  # edit, fork: a position in the tab's history (system prompt excluded), from 0
+    new_tab: str | None = None  # fork
 
 
 def parse_line(raw: bytes, line: int) -> Op | None:
@@ -57,8 +60,8 @@ def parse_line(raw: bytes, line: int) -> Op | None:
         tab = _string(data, "tab", where, required=True, tab=shown_tab)
         if not tab:
             raise ScriptError(f"{where}: \"tab\" must not be empty", shown_tab)
-    text = _string(data, "text", where, required=name == "send", tab=shown_tab)
-    if name == "send" and not text.strip():
+    text = _string(data, "text", where, required=name in ("send", "edit"), tab=shown_tab)
+    if name in ("send", "edit") and not text.strip():
         # the TUI sends nothing for blank input; a script gets told instead of a turn on an empty message
         raise ScriptError(f"{where}: \"text\" is empty; a send needs something to say", shown_tab)
     return Op(
@@ -70,7 +73,26 @@ def parse_line(raw: bytes, line: int) -> Op | None:
         title=_string(data, "name", where, tab=shown_tab),
         max_new_tokens=_number(data, "max_new_tokens", where, integer=True, minimum=1, tab=shown_tab),
         temperature=_number(data, "temperature", where, integer=False, minimum=0, tab=shown_tab),
+        message=_message_position(data, name, where, shown_tab),
+        new_tab=_new_tab(data, name, where, shown_tab),
     )
+
+
+def _message_position(data: dict[str, Any], name: str, where: str, tab: str | None) -> int | None:
+    if name not in NEEDS_MESSAGE:
+        return None
+    if data.get("message") is None:
+        raise ScriptError(f"{where}: op {name!r} needs \"message\", the 0-based position of a message in the tab", tab)
+    return _number(data, "message", where, integer=True, minimum=0, tab=tab)
+
+
+def _new_tab(data: dict[str, Any], name: str, where: str, tab: str | None) -> str | None:
+    if name != "fork":
+        return None
+    new_tab = _string(data, "new_tab", where, required=True, tab=tab)
+    if not new_tab:
+        raise ScriptError(f"{where}: \"new_tab\" must not be empty", tab)
+    return new_tab
 
 
 def _string(data: dict[str, Any], key: str, where: str, required: bool = False, tab: str | None = None) -> str | None:

@@ -138,6 +138,12 @@ class LoadingEngine:
         if self.engine is not None:
             self.engine.forget(session_id)
 
+    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
+        """Before the model is there nothing is cached: 0, and the fork's first turn computes its prompt."""
+        if self.engine is not None:
+            return self.engine.fork_kv(parent_session_id, child_session_id)
+        return 0
+
     def snapshot(self, session_ids: list[str] | None = None) -> int:
         return self.engine.snapshot(session_ids) if self.engine is not None else 0
 

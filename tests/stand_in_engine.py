@@ -48,5 +48,8 @@ class StandInEngine:
     def forget(self, session_id: str) -> None:
         pass
 
+    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
+        return 0
+
     def close(self) -> None:
         pass

@@ -187,6 +187,27 @@ def test_limits_and_snapshot_figures_are_positive(bench_run: tuple[dict, str]) -
 
 
 @pytest.mark.real_model
+def test_branching_turns_prefill_only_what_follows_their_shared_prefix(bench_run: tuple[dict, str]) -> None:
+    branching = bench_run[0]["scenarios"]["branching"]
+    if branching["status"] == "unavailable":
+        pytest.skip(branching["reason"])
+    figures = branching["figures"]
+    for kind in ("regenerate", "edit", "fork"):
+        cached, recomputed = figures[kind]["cached"]["samples"][0], figures[kind]["recomputed"]["samples"][0]
+        assert cached["prompt_tokens"] == recomputed["prompt_tokens"]
+        assert cached["prefilled_tokens"] < recomputed["prefilled_tokens"] == recomputed["prompt_tokens"]
+        assert _positive(figures[kind]["cached"]["avg_ttft_ms"], figures[kind]["recomputed"]["avg_ttft_ms"])
+    assert figures["regenerate"]["cached"]["samples"][0]["prefilled_tokens"] == 1
+    fork = figures["fork"]["cached"]["samples"][0]
+    assert fork["shared_tokens"] == fork["reused_tokens"] > 0
+    memory = figures["memory"]
+    assert memory["parent_bytes"] < memory["parent_and_3_forks_bytes"] and memory["shared_bytes_saved"] > 0
+    # the forks share the parent's blocks: a parent and 3 forks hold far less than 4 copies of the conversation
+    assert memory["parent_and_3_forks_bytes"] < memory["4_independent_copies_bytes"] / 2
+    assert memory["4_independent_copies_bytes"] > 3 * memory["parent_bytes"]
+
+
+@pytest.mark.real_model
 def test_speed_puts_chatkv_beside_generate_and_llama_cpp_or_says_why_not(bench_run: tuple[dict, str]) -> None:
     speed = bench_run[0]["scenarios"]["speed"]
     figures = speed["figures"]

@@ -17,7 +17,7 @@ from chatkv.config import Settings
 from chatkv.paths import Paths
 from chatkv.store import ConversationStore
 from chatkv.tui.app import WIDE_ENOUGH_FOR_STATS, AppOptions, ChatApp, make_app
-from chatkv.tui.keys import APP_BINDINGS, HISTORY_BINDINGS
+from chatkv.tui.keys import APP_BINDINGS, CHAT_VIEW_BINDINGS, HISTORY_BINDINGS
 from chatkv.tui.screens.confirm_close import ConfirmCloseScreen
 from chatkv.tui.screens.generation import GenerationScreen
 from chatkv.tui.screens.new_tab import NewTabScreen
@@ -209,7 +209,7 @@ def test_the_readme_key_table_lists_every_key_the_app_binds():
     readme = README.read_text()
     table = readme[readme.index("| key | action |"):readme.index("Sending while")]
     rows = table.splitlines()
-    for binding in [*APP_BINDINGS, *HISTORY_BINDINGS]:
+    for binding in [*APP_BINDINGS, *HISTORY_BINDINGS, *CHAT_VIEW_BINDINGS]:
         first_key = binding.key.split(",")[0]
         parts = [f"<kbd>{part}</kbd>" for part in readme_key_names(first_key)]
         assert any(all(part in row for part in parts) for row in rows), \
@@ -219,5 +219,5 @@ def test_the_readme_key_table_lists_every_key_the_app_binds():
 
 def readme_key_names(key: str) -> list[str]:
     names = {"ctrl": "Ctrl", "alt": "Alt", "shift": "Shift", "pageup": "PgUp", "pagedown": "PgDn", "escape": "Esc",
-             "home": "Home", "end": "End", "left": "←", "right": "→"}
+             "home": "Home", "end": "End", "left": "←", "right": "→", "up": "↑", "down": "↓", "enter": "Enter"}
     return [names.get(part, part.upper() if len(part) <= 3 else part) for part in key.split("+")]

@@ -36,6 +36,9 @@ class Sizes:
     # snapshot: length of the conversation restored from disk, and how often each side is timed
     snapshot_tokens: int
     snapshot_repeats: int
+    # branching: length of the conversation that is regenerated, edited and forked, and how often each is timed
+    branching_tokens: int
+    branching_repeats: int
 
 
 FULL = Sizes(
@@ -46,6 +49,7 @@ FULL = Sizes(
     memory_session_tokens=(1024, 4096),
     limits_read_mib=512, limits_decode_tokens=64, limits_batch_sessions=16, limits_rounds=3,
     snapshot_tokens=1600, snapshot_repeats=3,
+    branching_tokens=1600, branching_repeats=3,
 )
 
 QUICK = Sizes(
@@ -56,6 +60,7 @@ QUICK = Sizes(
     memory_session_tokens=(1024,),
     limits_read_mib=256, limits_decode_tokens=32, limits_batch_sessions=8, limits_rounds=2,
     snapshot_tokens=1600, snapshot_repeats=2,
+    branching_tokens=1600, branching_repeats=2,
 )
 
 TINY = Sizes(
@@ -66,6 +71,7 @@ TINY = Sizes(
     memory_session_tokens=(256,),
     limits_read_mib=128, limits_decode_tokens=4, limits_batch_sessions=4, limits_rounds=1,
     snapshot_tokens=1600, snapshot_repeats=1,
+    branching_tokens=1000, branching_repeats=1,
 )
 
 

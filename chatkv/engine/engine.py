@@ -99,6 +99,8 @@ class Engine:
         self._crashed: str | None = None
         self._thread: threading.Thread | None = None
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-session failures here
+        # child session -> (parent session, tokens shared by fork_kv): the child's first turn reports them as shared
+        self._forked_from: dict[str, tuple[str, int]] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
     def _open_snapshots(self, snapshot_dir: Path | None):
@@ -243,7 +245,10 @@ class Engine:
     def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
         """The child session shares the parent's resident KV: full blocks by reference, the partial last block copied.
 
-        Returns the tokens shared (0 if the parent has nothing resident, or no room could be made).
+        Returns the tokens shared (0 if the parent has nothing resident, caching is off, or no room could be
+        made: the child's first turn then recomputes its prompt). The child's first turn reports the reuse
+        of those tokens as shared with the parent (``TurnResult.shared_tokens``/``shared_from``).
+        Raises ``EngineError`` for an unsafe session id.
         """
         for session_id in (parent_session_id, child_session_id):
             if not is_valid_session_id(session_id):
@@ -251,13 +256,17 @@ class Engine:
 
         def fork() -> int:
             with self._lock:
+                self._forked_from.pop(child_session_id, None)
                 if not self.kv_options.enabled:
                     return 0
                 try:
-                    return self.store.fork(parent_session_id, child_session_id)
+                    tokens = self.store.fork(parent_session_id, child_session_id)
                 except KvBudgetError:
                     self.store.drop(child_session_id)
                     return 0
+                if tokens:
+                    self._forked_from[child_session_id] = (parent_session_id, tokens)
+                return tokens
 
         return self.call_in_engine(fork).result()
 
@@ -387,6 +396,10 @@ class Engine:
         self.store.pinned.add(session_id)
         turn.reused_tokens = reused
         turn.reused_from = reused_from if reused else "none"
+        fork = self._forked_from.pop(session_id, None)
+        if fork is not None and reused_from == "memory" and min(reused, fork[1]) > turn.shared_tokens:
+            # a fork's first turn: the tokens fork_kv gave it were computed by the parent
+            turn.shared_from, turn.shared_tokens = fork[0], min(reused, fork[1])
         turn.prefill_position = reused
         turn.generator = make_generator(turn.sampling)
         turn.detokenizer = IncrementalDetokenizer(self.tokenizer)
@@ -570,6 +583,7 @@ class Engine:
 
     def _forget_now(self, session_id: str) -> None:
         with self._lock:
+            self._forked_from.pop(session_id, None)
             self.store.drop(session_id)
             if self.snapshots is not None:
                 self.snapshots.delete(session_id)

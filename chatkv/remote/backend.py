@@ -255,6 +255,10 @@ class RemoteBackend:
             self._models.pop(session_id, None)
             self._last_prompt.pop(session_id, None)
 
+    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
+        """Nothing to copy: the KV lives on the server, whose prompt cache may serve the fork's shared prefix."""
+        return 0
+
     def snapshot(self, session_ids: list[str] | None = None) -> int:
         """Nothing to write: the KV lives on the server. Conversations persist as usual."""
         return 0

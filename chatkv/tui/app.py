@@ -20,7 +20,7 @@ from textual.theme import Theme
 from textual.widgets import Footer, Header
 
 from chatkv.config import Settings
-from chatkv.conversation import Conversation
+from chatkv.conversation import Conversation, new_session_id
 from chatkv.crash import write_crash_log
 from chatkv.engine.api import Sampling
 from chatkv.store import ConversationStore, StoreError
@@ -31,7 +31,8 @@ from chatkv.tui.screens.generation import GenerationScreen
 from chatkv.tui.screens.new_tab import NewTabRequest, NewTabScreen
 from chatkv.tui.screens.rename_tab import RenameTabScreen
 from chatkv.tui.themes import builtin_themes_dir, load_themes
-from chatkv.tui.widgets.chat_tab import ChatTab
+from chatkv.tui.widgets.chat_tab import ChatTab, TurnRefused
+from chatkv.tui.widgets.chat_view import ChatView
 from chatkv.tui.widgets.chat_tabs import ChatTabs
 from chatkv.tui.widgets.stats_panel import StatsPanel
 
@@ -40,7 +41,9 @@ STATS_IDLE_EVERY = 8  # while nothing runs, refresh every 8th tick (2 s): figure
 WIDE_ENOUGH_FOR_STATS = 120
 FALLBACK_THEME = "textual-dark"
 TAB_ACTIONS = {"new_tab", "generation_settings", "close_tab", "rename_tab", "next_tab", "previous_tab", "stop_reply", "copy_reply", "copy_code",
-               "scroll_history"}
+               "scroll_history", "regenerate", "edit_message", "fork_tab"}
+GREEDY_REGENERATE_NOTE = ("Greedy decoding (temperature 0) writes the same reply again for the same conversation; "
+                          "raise the tab's temperature (Ctrl+P, Generation settings) for a different one.")
 
 
 def describe_sampling(sampling: Sampling) -> str:
@@ -323,6 +326,88 @@ class ChatApp(App[int]):
         tab = self.chat_tabs.current
         if tab is not None and tab.stop():
             self.notify("Stopping the reply; what was written is kept.", timeout=3)
+
+    def action_regenerate(self) -> None:
+        tab = self.chat_tabs.current
+        if tab is None:
+            return
+        try:
+            tab.regenerate()
+        except TurnRefused as exc:
+            self.notify(str(exc), severity="warning")
+            return
+        if tab.sampling.greedy:
+            self.notify(GREEDY_REGENERATE_NOTE, timeout=6)
+
+    def action_edit_message(self) -> None:
+        """Edit the message highlighted in the chat view, or else the last message the user sent."""
+        tab = self.chat_tabs.current
+        if tab is None:
+            return
+        messages = tab.conversation.messages
+        index = tab.chat_view.selected
+        if index is None or not 0 <= index < len(messages) or messages[index].role != "user":
+            index = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), None)
+        if index is None:
+            self.notify("There is no message to edit yet.", severity="warning")
+            return
+        tab.ask_to_edit(index)
+
+    async def action_fork_tab(self) -> None:
+        """Fork the current tab at the message highlighted in the chat view, or else at its last message."""
+        tab = self.chat_tabs.current
+        if tab is None:
+            return
+        index = tab.chat_view.selected
+        if index is None or not 0 <= index < len(tab.conversation.messages):
+            index = len(tab.conversation.messages) - 1
+        await self.fork_at(tab, index)
+
+    async def on_chat_view_fork_requested(self, event: ChatView.ForkRequested) -> None:
+        tab = self.chat_tabs.current
+        if tab is not None:
+            await self.fork_at(tab, event.index)
+
+    async def fork_at(self, tab: ChatTab, index: int) -> ChatTab | None:
+        try:
+            child = await self.fork_tab(tab, index)
+        except TurnRefused as exc:
+            self.notify(str(exc), severity="warning")
+            return None
+        self.call_after_refresh(child.focus_input)
+        return child
+
+    async def fork_tab(self, tab: ChatTab, index: int, session_id: str | None = None, name: str | None = None) -> ChatTab:
+        """Open a new tab holding messages 0..``index`` of ``tab`` (0-based, system prompt excluded), saved with its origin.
+
+        The new tab shares the parent's KV blocks (``Engine.fork_kv``), so its first turn prefills
+        only what follows the shared prefix. Raises ``TurnRefused`` for a position the tab does not have,
+        or a ``session_id`` that is already in use; nothing changes then.
+        """
+        parent = tab.conversation
+        if not 0 <= index < len(parent.messages):
+            raise TurnRefused(f"There is no message {index} to fork at: this conversation has messages 0 to "
+                              f"{len(parent.messages) - 1}." if parent.messages else "There is nothing to fork yet: send a message first.")
+        session_id = session_id or new_session_id()
+        if self.chat_tabs.find(session_id) is not None:
+            raise TurnRefused(f"A tab with id {session_id!r} is already open.")
+        if self.options.persist and self.store.session_file(session_id).exists():
+            raise TurnRefused(f"A saved conversation with id {session_id!r} exists already; pick another id.")
+        child = parent.fork(index, session_id, name or self._fork_name(parent.name))
+        shared = await asyncio.to_thread(self.engine.fork_kv, tab.session_id, session_id)
+        new_tab = await self.open_conversation(child, persist=tab.persisted and self.options.persist)
+        new_tab.save()
+        self.save_layout()
+        kv = f"{shared:,} tokens of KV shared with it" if shared else "its KV was not in memory, so the first turn recomputes it"
+        self.notify(f"Forked {parent.name!r} at message {index}: {kv}.", timeout=5)
+        return new_tab
+
+    def _fork_name(self, name: str) -> str:
+        taken = {tab.conversation.name for tab in self.chat_tabs.chat_tabs}
+        candidate, number = f"{name} (fork)", 2
+        while candidate in taken:
+            candidate, number = f"{name} (fork {number})", number + 1
+        return candidate
 
     def action_next_tab(self) -> None:
         self.chat_tabs.step(1)

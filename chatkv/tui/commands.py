@@ -53,6 +53,12 @@ class ChatCommands(Provider):
             PaletteCommand("Copy last reply", "Copy the current tab's last reply to the clipboard (F3)", app.action_copy_reply),
             PaletteCommand("Copy last code block", "Copy the last code block of the current tab's replies (F5)", app.action_copy_code),
             PaletteCommand("Stop reply", "Stop the reply being written in the current tab, keeping its text", app.action_stop_reply),
+            PaletteCommand("Regenerate reply", "Write the last reply of the current tab again, replacing it (Ctrl+G)",
+                           app.action_regenerate),
+            PaletteCommand("Edit and resend message", "Edit the highlighted message (or your last one) and send it again; "
+                           "the messages after it leave the conversation", app.action_edit_message),
+            PaletteCommand("Fork tab here", "A new tab with the conversation up to the highlighted message (or all of it), "
+                           "reusing its KV", app.action_fork_tab),
             PaletteCommand("Next tab", "Switch to the tab on the right", app.action_next_tab),
             PaletteCommand("Previous tab", "Switch to the tab on the left", app.action_previous_tab),
             PaletteCommand("Toggle stats panel", "Show or hide the live cache and batching figures", app.action_toggle_stats),

@@ -11,7 +11,9 @@ and Alt+Backspace delete the word before the cursor, Ctrl+U and Ctrl+K delete to
 the line, Ctrl+A/Ctrl+E go to its start and end, F7 selects everything. So no app key takes any of
 them: closing a tab is F4. The history scrolls from the message box: PgUp/PgDn page through it,
 Ctrl+Home/Ctrl+End jump to its top and bottom (the message box is at most ten lines high, so it never
-needs PgUp/PgDn of its own).
+needs PgUp/PgDn of its own). Ctrl+G (regenerate the last reply) is free in the TextArea and in
+readline-style editing alike. The keys that act on one message (E or Enter to edit and resend, F to
+fork) are plain letters, so they are bound on the chat history only, never on the message box.
 
 The README's key table lists the same keys; ``tests/test_tui_keys.py`` holds them to it.
 """
@@ -25,6 +27,7 @@ APP_BINDINGS = [
     Binding("f4", "close_tab", "Close tab", id="close_tab"),
     Binding("ctrl+r", "rename_tab", "Rename", id="rename_tab"),
     Binding("escape", "stop_reply", "Stop reply", id="stop_reply"),
+    Binding("ctrl+g", "regenerate", "Regenerate", id="regenerate"),
     Binding("ctrl+pagedown,alt+right", "next_tab", "Next tab", id="next_tab", show=False, priority=True),
     Binding("ctrl+pageup,alt+left", "previous_tab", "Previous tab", id="previous_tab", show=False, priority=True),
     Binding("f3", "copy_reply", "Copy reply", id="copy_reply"),
@@ -40,6 +43,17 @@ HISTORY_BINDINGS = [
     Binding("ctrl+end", "app.scroll_history('bottom')", "Bottom of chat", id="history_bottom", show=False),
 ]
 """Bound on the message box, where they win over the TextArea's own PgUp/PgDn cursor moves."""
+
+CHAT_VIEW_BINDINGS = [
+    Binding("up", "select(-1)", "Previous message", show=False),
+    Binding("down", "select(1)", "Next message", show=False),
+    Binding("home", "select_at(0)", "First message", show=False),
+    Binding("end", "select_at(-1)", "Last message", show=False),
+    Binding("e,enter", "edit_selected", "Edit & resend", id="edit_message"),
+    Binding("f", "fork_selected", "Fork here", id="fork_message"),
+]
+"""Bound on the chat history (reached with Tab / Shift+Tab from the message box, or a click on a message):
+↑/↓, Home/End pick a message; the picked one is edited and resent or forked into a new tab."""
 
 NEW_TAB_DIALOG_BINDINGS = [
     Binding("ctrl+s", "create", "Create", id="dialog.create", priority=True),

@@ -6,7 +6,7 @@ import importlib
 from typing import Callable
 
 # in the order a full run takes them
-NAMES = ("seed", "multiturn", "batching", "shared-prefix", "memory", "limits", "snapshot", "speed", "contention")
+NAMES = ("seed", "multiturn", "batching", "shared-prefix", "memory", "limits", "snapshot", "speed", "contention", "branching")
 
 
 def runner(name: str) -> Callable:

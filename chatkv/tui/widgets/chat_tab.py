@@ -22,10 +22,25 @@ from textual.worker import Worker, WorkerCancelled, WorkerFailed
 
 from chatkv.conversation import Conversation, Message
 from chatkv.engine.api import EngineError, Sampling, TurnResult
+from chatkv.tui.screens.edit_message import EditMessageScreen
 from chatkv.tui.widgets.chat_view import ChatView
 from chatkv.tui.widgets.prompt_input import PromptInput
 
 BUSY_MESSAGE = "This tab is still replying: wait for it to finish, or press Esc to stop it."
+
+
+class TurnRefused(Exception):
+    """A regenerate or edit that cannot run as asked; the message is for the user. Nothing was changed."""
+
+
+def shared_head(old: list[Message], new: list[Message]) -> int:
+    """How many leading messages ``new`` shares with ``old`` as the very same objects (kept, not rewritten)."""
+    count = 0
+    for before, after in zip(old, new):
+        if before is not after:
+            break
+        count += 1
+    return count
 
 
 def pane_id(session_id: str) -> str:
@@ -53,6 +68,7 @@ def reply_stats(result: TurnResult) -> dict:
         "batch_size": result.batch_size,
         "finish_reason": result.finish_reason,
         "dropped_messages": result.dropped_messages,
+        **({"shared_tokens": result.shared_tokens} if result.shared_tokens else {}),
     }
 
 
@@ -111,9 +127,16 @@ class ChatTab(TabPane):
     async def on_mount(self) -> None:
         messages = self.conversation.messages
         await self.chat_view.show_history(messages)
+        origin = self.conversation.forked_from
+        if origin is not None:
+            await self.chat_view.add_note(f"Forked from {origin.name!r} at message {origin.message}; "
+                                          "from here on this tab is its own conversation.")
         if messages and messages[-1].role == "user":
-            # the user message is saved when sent, the reply when it ends: chatkv stopped in between
-            await self.chat_view.add_note("No reply was saved for this message: chatkv closed while writing it.")
+            if origin is not None and origin.message == len(messages) - 1:
+                await self.chat_view.add_note("Forked before the reply: press Ctrl+G to write one, or send a message.")
+            else:
+                # the user message is saved when sent, the reply when it ends: chatkv stopped in between
+                await self.chat_view.add_note("No reply was saved for this message: chatkv closed while writing it.")
 
     def focus_input(self) -> None:
         self.prompt_input.focus()
@@ -126,33 +149,108 @@ class ChatTab(TabPane):
         self.prompt_input.clear()
         self.send(event.text)
 
+    def on_chat_view_edit_requested(self, event: ChatView.EditRequested) -> None:
+        event.stop()
+        self.ask_to_edit(event.index)
+
+    def ask_to_edit(self, index: int) -> None:
+        """Open the edit dialog on user message ``index``; what the user confirms is sent in its place."""
+        messages = self.conversation.messages
+        if self.generating:
+            self.notify(BUSY_MESSAGE, severity="warning")
+            return
+        if not 0 <= index < len(messages) or messages[index].role != "user":
+            self.notify("Only your own messages can be edited: pick one with ↑/↓, or regenerate a reply with Ctrl+G.",
+                        severity="warning")
+            return
+
+        def resend(text: str | None) -> None:
+            if text is None or not self.is_attached:
+                return
+            try:
+                self.edit(index, text)
+            except TurnRefused as exc:
+                self.notify(str(exc), severity="warning")
+                return
+            self.focus_input()
+
+        self.app.push_screen(EditMessageScreen(messages[index].content, len(messages) - index - 1), resend)
+
     def send(self, text: str, sampling: Sampling | None = None) -> Worker[TurnOutcome]:
         """Start a turn; its worker's result is the ``TurnOutcome``. The caller checks ``generating`` first."""
         if self.generating:
             raise RuntimeError("send() while a turn is running; check ChatTab.generating first")
-        self._turn = self.run_worker(self._run_turn(text, sampling or self.sampling), group="turn", exit_on_error=True)
+        history = self.conversation.messages + [Message("user", text)]
+        return self._start_turn(history, sampling, typed=text)
+
+    def regenerate(self, sampling: Sampling | None = None) -> Worker[TurnOutcome]:
+        """Write the last reply again, replacing it (a trailing user message with no reply gets one).
+
+        Raises ``TurnRefused`` (its message is for the user) while a reply is being written or when the
+        conversation has no message to answer yet.
+        """
+        self._refuse_while_generating()
+        messages = self.conversation.messages
+        last_user = next((index for index in range(len(messages) - 1, -1, -1) if messages[index].role == "user"), None)
+        if last_user is None:
+            raise TurnRefused("There is no reply to regenerate yet: send a message first.")
+        return self._start_turn(messages[: last_user + 1], sampling)
+
+    def edit(self, index: int, text: str, sampling: Sampling | None = None) -> Worker[TurnOutcome]:
+        """Replace user message ``index`` (0-based, system prompt excluded) with ``text`` and send it.
+
+        The messages after it leave the conversation. Raises ``TurnRefused`` while a reply is being
+        written, for a position that is not a user message, or for blank text; nothing changes then.
+        """
+        self._refuse_while_generating()
+        messages = self.conversation.messages
+        if not 0 <= index < len(messages):
+            raise TurnRefused(f"There is no message {index} here: this conversation has messages 0 to {len(messages) - 1}."
+                              if messages else "There is no message to edit yet.")
+        if messages[index].role != "user":
+            raise TurnRefused(f"Message {index} is a reply; only your own messages can be edited. "
+                              "Regenerate a reply instead, or fork the conversation at it.")
+        if not text.strip():
+            raise TurnRefused("The edited message is empty; nothing was sent.")
+        return self._start_turn(messages[:index] + [Message("user", text)], sampling, typed=text)
+
+    def _refuse_while_generating(self) -> None:
+        if self.generating:
+            raise TurnRefused(BUSY_MESSAGE)
+
+    def _start_turn(self, history: list[Message], sampling: Sampling | None, typed: str | None = None) -> Worker[TurnOutcome]:
+        self._turn = self.run_worker(self._run_turn(history, sampling or self.sampling, typed), group="turn",
+                                     exit_on_error=True)
         return self._turn
 
     def stop(self) -> bool:
         """Ask the engine to stop this tab's reply; the turn then ends as 'cancelled' with the text so far."""
         return self.generating and self.engine.cancel(self.session_id)
 
-    async def _run_turn(self, text: str, sampling: Sampling) -> TurnOutcome:
+    async def _run_turn(self, history: list[Message], sampling: Sampling, typed: str | None) -> TurnOutcome:
+        """Make ``history`` (ending with a user message) the conversation and answer it.
+
+        ``history`` starts with some of the current messages, the very same objects: those stay on
+        screen, the rest of the view is redrawn from there. ``typed``: text the user typed for this
+        turn, offered again in the input if the turn cannot run.
+        """
         conversation = self.conversation
-        conversation.messages.append(Message("user", text))
+        previous = conversation.messages
+        keep = shared_head(previous, history)
+        conversation.messages = history
         turn = conversation.turns
         self.save()
         self.post_message(self.BusyChanged(self))
         view = self.chat_view
-        await view.add_user_message(text)
+        await view.show_from(history, keep)
         loaded = getattr(self.engine, "until_loaded", None)
         if loaded is not None:  # the terminal UI shows before the model is ready: the message goes once it is
             await loaded()
         try:
             handle = self.engine.submit(self.session_id, conversation.prompt_messages(), sampling)
         except EngineError as exc:
-            return await self._give_back(text, turn, str(exc))
-        reply = await view.start_reply()
+            return await self._give_back(previous, keep, typed, turn, str(exc))
+        reply = await view.start_reply(len(history))
         try:
             async for event in handle:
                 if event.text:
@@ -163,10 +261,10 @@ class ChatTab(TabPane):
         except asyncio.CancelledError:
             self.engine.cancel(self.session_id)  # the tab is going away: free the engine's slot
             raise
+        stats = self.reply_stats(result)
         if result.finish_reason == "error":
-            await reply.finish(result.reply, reply_stats(result))
-            return await self._give_back(text, turn, result.error or "the engine failed on this turn", result)
-        stats = reply_stats(result)
+            await reply.finish(result.reply, stats)
+            return await self._give_back(previous, keep, typed, turn, result.error or "the engine failed on this turn", result)
         # a remote server's reply has no ids here (None, not []): the local engine re-tokenizes its text if it ever sees it
         token_ids = list(result.reply_ids) if result.reply_ids else None
         conversation.messages.append(Message("assistant", result.reply, token_ids=token_ids, stats=stats))
@@ -174,14 +272,28 @@ class ChatTab(TabPane):
         await reply.finish(result.reply, stats)
         return TurnOutcome(turn, result)
 
-    async def _give_back(self, text: str, turn: int, error: str, result: TurnResult | None = None) -> TurnOutcome:
-        """The turn did not happen: take the user message back out, say why, and offer the text again."""
-        if self.conversation.messages and self.conversation.messages[-1].role == "user":
-            self.conversation.messages.pop()
-            self.save()
-        await self.chat_view.add_note(f"Not sent: {error}", error=True)
-        if not self.prompt_input.text:
-            self.prompt_input.load_text(text)
+    def reply_stats(self, result: TurnResult) -> dict:
+        stats = reply_stats(result)
+        origin = self.conversation.forked_from
+        if result.shared_tokens and origin is not None and origin.session == result.shared_from:
+            stats["shared_with"] = origin.name
+        return stats
+
+    async def _give_back(self, previous: list[Message], keep: int, typed: str | None, turn: int, error: str,
+                         result: TurnResult | None = None) -> TurnOutcome:
+        """The turn did not happen: put the conversation back as it was, say why, and offer the typed text again."""
+        self.conversation.messages = previous
+        self.save()
+        view = self.chat_view
+        if keep < len(previous):  # an edit or a regenerate took messages off the screen: show them again
+            await view.show_from(previous, keep)
+        else:  # a plain send: its message (and any failed reply) stay in sight above the note, standing for nothing
+            for block in view.message_blocks:
+                if block.message_index >= len(previous):
+                    block.message_index = None
+        await view.add_note(f"Not sent: {error}", error=True)
+        if typed is not None and not self.prompt_input.text:
+            self.prompt_input.load_text(typed)
         return TurnOutcome(turn, result, error)
 
     async def wait_for_turn(self) -> TurnOutcome | None:

@@ -65,6 +65,8 @@ def describe_reply(stats: dict[str, Any]) -> str:
             parts.append(f"{stats['prompt_tokens']} prompt tokens (cache use not reported by the server)")
         else:
             source = {"disk": " (disk snapshot)", "server": " (server's cache)"}.get(stats.get("reused_from"), "")
+            if stats.get("shared_with"):
+                source = f" (shared with tab {stats['shared_with']})"
             parts.append(f"{stats['reused_tokens']}/{stats['prompt_tokens']} prompt tokens from cache{source}")
     if stats.get("dropped_messages"):
         parts.append(f"{stats['dropped_messages']} oldest messages left out to fit the context")
@@ -84,9 +86,10 @@ class UserMessage(Static):
     }
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, message_index: int | None = None) -> None:
         super().__init__(Content(visible(text)))
         self.text = text
+        self.message_index = message_index  # position in the conversation; None once it no longer stands for one
 
 
 class ChatNote(Static):
@@ -125,9 +128,10 @@ class AssistantReply(Vertical):
     AssistantReply.-stopped > .reply-footer { color: $text-warning; }
     """
 
-    def __init__(self, text: str = "", stats: dict[str, Any] | None = None) -> None:
+    def __init__(self, text: str = "", stats: dict[str, Any] | None = None, message_index: int | None = None) -> None:
         super().__init__()
         self.text = text
+        self.message_index = message_index  # position in the conversation; None once it no longer stands for one
         self._initial_stats = stats
         self._streaming = False
         # made at the first frame: stopping a stream whose task never ran would cancel the caller instead

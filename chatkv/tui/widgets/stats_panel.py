@@ -59,7 +59,8 @@ def memory_lines(stats: EngineStats) -> list[Line]:
         ("reserved", f"{format_bytes(stats.bytes)} {budget}"),
         ("peak", format_bytes(stats.peak_bytes)),
         ("resident", format_quantity(stats.sessions, "session")),
-    ]
+    ] + ([("shared", f"{format_quantity(stats.shared_blocks, 'block')} · {format_bytes(stats.shared_bytes_saved)} saved")]
+         if stats.shared_blocks else [])  # blocks held by several sessions (forks, common prefixes), held once
 
 
 RATE_WINDOW = f"last {WINDOW_SECONDS:g} s"
