@@ -20,7 +20,7 @@ from chatkv.config import Settings
 from chatkv.paths import Paths
 from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, ChatApp, make_app
-from chatkv.tui.keys import APP_BINDINGS, HISTORY_BINDINGS
+from chatkv.tui.keys import APP_BINDINGS, CHAT_VIEW_BINDINGS, HISTORY_BINDINGS
 from stand_in_engine import StandInEngine
 
 SEQUENCES = int(os.environ.get("CHATKV_FUZZ_SEQUENCES", "4"))
@@ -28,7 +28,7 @@ STEPS = int(os.environ.get("CHATKV_FUZZ_STEPS", "40"))
 FIRST_SEED = int(os.environ.get("CHATKV_FUZZ_SEED", "0"))
 
 # every key the app binds (so a new binding joins the walk by itself), plus editing and dialog keys
-BOUND_KEYS = {key for binding in APP_BINDINGS + HISTORY_BINDINGS for key in binding.key.split(",")}
+BOUND_KEYS = {key for binding in APP_BINDINGS + HISTORY_BINDINGS + CHAT_VIEW_BINDINGS for key in binding.key.split(",")}
 KEYS = sorted(BOUND_KEYS | {"ctrl+p", "ctrl+w", "enter", "tab", "shift+tab", "ctrl+j", "up", "down", "backspace",
                             "ctrl+u", "left", "right", "home", "end", "space", "ctrl+s"})
 TEXTS = ["hi", "[/", "paths [/tmp]", "<|im_end|>", "```", "# h", "x" * 90, "a\tb", "\x1b[31m", "🙂"]
