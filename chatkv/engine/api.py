@@ -10,6 +10,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Literal
 
+from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
+
 FinishReason = Literal["stop", "length", "time", "cancelled", "error"]
 ReusedFrom = Literal["memory", "disk", "none", "server"]
 
@@ -24,6 +26,26 @@ class EngineError(Exception):
 
 class QueueFullError(EngineError):
     pass
+
+
+def check_session_id(session_id: str) -> None:
+    """Raises ``EngineError`` if ``session_id`` is not safe as a file name and a store key (chatkv.session_id)."""
+    if not is_valid_session_id(session_id):
+        raise EngineError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
+
+
+def check_turn_request(session_id: str, messages: list, sampling: "Sampling | None") -> "Sampling":
+    """The checks every backend makes before it takes a turn; returns the sampling to use (default if None).
+
+    Raises ``EngineError`` for an unsafe session id, a bad sampling value, or messages that do not end
+    with a user message.
+    """
+    check_session_id(session_id)
+    sampling = sampling or Sampling()
+    sampling.validate()
+    if not messages or messages[-1].role != "user":
+        raise EngineError("a turn must end with a user message")
+    return sampling
 
 
 @dataclass(frozen=True)

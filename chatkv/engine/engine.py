@@ -22,6 +22,8 @@ from chatkv.config import Settings
 from chatkv.conversation import Message
 from chatkv.engine.api import (
     EngineError,
+    check_session_id,
+    check_turn_request,
     EngineStats,
     FinishReason,
     Sampling,
@@ -42,7 +44,6 @@ from chatkv.engine.snapshot import SnapshotStore, matches_prompt
 from chatkv.engine.threads import engine_threads
 from chatkv.engine.turn import Turn, TurnState
 from chatkv.model.loader import ModelBundle
-from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
 
 
 def eos_token_ids(bundle: ModelBundle) -> set[int]:
@@ -135,12 +136,7 @@ class Engine:
     # public API --------------------------------------------------------------------------------
     def submit(self, session_id: str, messages: list[Message], sampling: Sampling | None = None) -> TurnHandle:
         """Queue a turn: ``messages`` is the whole conversation ending with the new user message."""
-        if not is_valid_session_id(session_id):
-            raise EngineError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
-        sampling = sampling or Sampling()
-        sampling.validate()
-        if not messages or messages[-1].role != "user":
-            raise EngineError("a turn must end with a user message")
+        sampling = check_turn_request(session_id, messages, sampling)
         reserve = min(sampling.max_new_tokens, self.context_limit // 2)
         rendered = self.renderer.fit(messages, self.context_limit - reserve)
         try:
@@ -251,8 +247,7 @@ class Engine:
         Raises ``EngineError`` for an unsafe session id.
         """
         for session_id in (parent_session_id, child_session_id):
-            if not is_valid_session_id(session_id):
-                raise EngineError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
+            check_session_id(session_id)
 
         def fork() -> int:
             with self._lock:

@@ -36,10 +36,10 @@ import httpx
 
 from chatkv.config import BackendOptions
 from chatkv.conversation import Message
-from chatkv.engine.api import EngineError, EngineStats, FinishReason, Sampling, SessionStats, TokenEvent, TurnHandle, TurnResult
+from chatkv.engine.api import (EngineError, EngineStats, FinishReason, Sampling, SessionStats, TokenEvent, TurnHandle,
+                               TurnResult, check_turn_request)
 from chatkv.remote.http_errors import describe_status, describe_transport_error
 from chatkv.remote.server_metrics import ServerReport, parse_metrics
-from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
 
 METRICS_EVERY_S = 2.0  # the panel refreshes often; the server's page is scraped at most this often
 RATE_WINDOW_S = 10.0
@@ -216,12 +216,7 @@ class RemoteBackend:
         Returns at once; the handle streams the reply and ends with a ``TurnResult`` whose error (if
         any) is a message for the user. Raises ``EngineError`` for a request that cannot be sent at all.
         """
-        if not is_valid_session_id(session_id):
-            raise EngineError(f"{session_id!r} is not a valid session id: use {SESSION_ID_RULE}")
-        sampling = sampling or Sampling()
-        sampling.validate()
-        if not messages or messages[-1].role != "user":
-            raise EngineError("a turn must end with a user message")
+        sampling = check_turn_request(session_id, messages, sampling)
         if self._loop is None or self._thread is None:
             raise EngineError("the remote backend is not running")
         model = self.model_for(session_id)  # may be "" while the server has not been reached yet: _serve asks again

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
-from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, TextArea
 
 from chatkv.engine.api import Sampling
-from chatkv.tui.keys import NEW_TAB_DIALOG_BINDINGS
+from chatkv.tui.screens.sampling_dialog import SamplingDialog
 from chatkv.tui.widgets.sampling_form import SamplingForm
 
 HINT = "Ctrl+S or Enter in a one-line box creates the tab · Esc cancels"
@@ -24,7 +23,7 @@ class NewTabRequest:
     sampling: Sampling
 
 
-class NewTabScreen(ModalScreen[NewTabRequest | None]):
+class NewTabScreen(SamplingDialog[NewTabRequest]):
     DEFAULT_CSS = """
     NewTabScreen { align: center middle; }
     NewTabScreen > Vertical {
@@ -40,8 +39,6 @@ class NewTabScreen(ModalScreen[NewTabRequest | None]):
     NewTabScreen Horizontal { height: auto; align-horizontal: right; margin-top: 1; }
     NewTabScreen Button { margin-left: 1; }
     """
-    BINDINGS = NEW_TAB_DIALOG_BINDINGS
-
     def __init__(self, default_system: str, sampling: Sampling) -> None:
         super().__init__()
         self.default_system = default_system
@@ -63,25 +60,7 @@ class NewTabScreen(ModalScreen[NewTabRequest | None]):
     def on_mount(self) -> None:
         self.query_one("#name", Input).focus()
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self.action_create()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "create":
-            self.action_create()
-        else:
-            self.dismiss(None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-    def action_create(self) -> None:
-        try:
-            sampling = self.query_one(SamplingForm).sampling()
-        except ValueError as exc:
-            self.query_one("#problem", Label).update(Content(str(exc)))
-            return
+    def result(self, sampling: Sampling) -> NewTabRequest:
         name = self.query_one("#name", Input).value.strip()
         system = self.query_one("#system", TextArea).text.strip()
-        self.dismiss(NewTabRequest(name, system, sampling))
+        return NewTabRequest(name, system, sampling)
