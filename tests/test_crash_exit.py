@@ -38,12 +38,12 @@ if where == "toggle_stats":
     ChatApp.action_toggle_stats = fail
 elif where == "user_message":
     from chatkv.tui.widgets.chat_view import ChatView
-    original = ChatView.add_user_message
-    async def add_user_message(self, text):
-        if "boom" in text:
+    original = ChatView.show_history
+    async def show_history(self, messages, start=0):
+        if any("boom" in message.content for message in messages):
             fail()
-        return await original(self, text)
-    ChatView.add_user_message = add_user_message
+        return await original(self, messages, start)
+    ChatView.show_history = show_history
 elif where == "before_app":
     import chatkv.runtime
     chatkv.runtime.ConversationStore = fail

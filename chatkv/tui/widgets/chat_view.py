@@ -79,11 +79,6 @@ class ChatView(VerticalScroll):
             self.selected = None
         await self.show_history(messages[keep:], keep)
 
-    async def add_user_message(self, text: str, index: int | None = None) -> UserMessage:
-        block = UserMessage(text, index)
-        await self.mount(block)
-        return block
-
     async def start_reply(self, index: int | None = None) -> AssistantReply:
         reply = AssistantReply(message_index=index)
         await self.mount(reply)
