@@ -23,6 +23,17 @@ def say(message: str) -> None:
     print(f"chatkv: {message}", file=sys.stderr, flush=True)
 
 
+def call_in_app(app: ChatApp | None, method, *args) -> bool:
+    """Run ``method(*args)`` on the app's thread if the app is running; False if it is not (or closed meanwhile)."""
+    try:
+        if app is not None and app.is_running:
+            app.call_from_thread(method, *args)
+            return True
+    except RuntimeError:  # the app closed in between
+        pass
+    return False
+
+
 class EngineNotes:
     """Sends the engine's notes (and the model's progress) to the app once it runs, to the terminal before and after."""
 
@@ -37,14 +48,8 @@ class EngineNotes:
             say(message)
 
     def progress(self, message: str) -> None:
-        app = self.app
-        try:
-            if app is not None and app.is_running:
-                app.call_from_thread(app.show_model_progress, message)
-                return
-        except RuntimeError:  # the app closed in between
-            pass
-        say(message)
+        if self.app is None or not call_in_app(self.app, self.app.show_model_progress, message):
+            say(message)
 
 
 def run_tui(context) -> int:
@@ -72,13 +77,7 @@ def run_tui(context) -> int:
             return start_engine(settings, paths, models_dir, notes.progress, notes)
 
         def done(error: str | None) -> None:
-            try:
-                if app is not None and app.is_running:
-                    app.call_from_thread(app.model_loaded, error)
-                    return
-            except RuntimeError:  # the app closed in between
-                pass
-            if error:
+            if (app is None or not call_in_app(app, app.model_loaded, error)) and error:
                 say(error)
 
         engine = LoadingEngine(load, done)
