@@ -6,14 +6,16 @@ linear layers run once over all of them; attention, registered with transformers
 module with ``layer_idx`` and ``chatkv_step``), does, per layer:
 
 1. write the step's keys and values (RoPE already applied) into their pool slots, one ``index_copy_``;
-2. gather each session's blocks of keys and values through its block table into a padded batch
-   (one ``index_select`` over whole blocks, about as fast as a plain copy; indexing single slots is
+2. decode tokens (one query per session), on the CPU: one call of the paged decode kernel
+   (``paged_decode.cpp``), which reads each session's keys and values in place through its block
+   table;
+3. prefill chunks (and decode tokens where the kernel is not available: CUDA, no compiler): gather
+   each session's blocks of keys and values through its block table into a padded batch (one
+   ``index_select`` over whole blocks, about as fast as a plain copy; indexing single slots is
    several times slower on the CPU) and run ``scaled_dot_product_attention`` once for the whole
-   batch, with an additive mask that hides the padding and keeps prefill causal.
-
-Decode tokens (one query per session) and prefill chunks (many) are padded separately, so a step
-that mixes both runs two SDPA calls per layer instead of padding every decode row to the longest
-chunk. Every index and mask is built once per step (``PackedStep.build``), on the model's device, so
+   batch, with an additive mask that hides the padding and keeps prefill causal. Decode rows and
+   prefill chunks are padded separately, so a step that mixes both does not pad every decode row
+   to the longest chunk. Every index and mask is built once per step (``PackedStep.build``), on the model's device, so
 the layers run without a host round trip. Query heads that share a KV head are folded into that
 head's rows, which needs no GQA expansion of the keys.
 
@@ -25,6 +27,7 @@ model object stays a stock transformers model for them, even while the engine ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +72,15 @@ class AttentionBatch:
 
 
 @dataclass
+class DecodeRows:
+    """Decode tokens attended by the paged decode kernel, straight from the pool."""
+
+    block_tables: torch.Tensor  # int64 [n, widest]: each session's blocks, padded with block 0 (never read)
+    context_lens: torch.Tensor  # int64 [n]: keys each token attends over (its own included)
+    query_rows: torch.Tensor  # int64 [n]: the token's row in the packed input
+
+
+@dataclass
 class PackedStep:
     """What one forward pass needs to attend over the pool: built once per step, used by every layer."""
 
@@ -77,9 +89,15 @@ class PackedStep:
     slot_mapping: torch.Tensor  # int64 [T]: the pool slot each new token's K/V goes to
     batches: list[AttentionBatch]
     segments: list[Segment]
+    decode_rows: DecodeRows | None = None
+    decode_kernel: Callable | None = None
 
     @classmethod
-    def build(cls, kv: torch.Tensor, segments: list[Segment], block_size: int, mask_dtype: torch.dtype) -> "PackedStep":
+    def build(
+        cls, kv: torch.Tensor, segments: list[Segment], block_size: int, mask_dtype: torch.dtype,
+        decode_kernel: Callable | None = None,
+    ) -> "PackedStep":
+        """Indices and masks for ``segments``; ``decode_kernel`` (``paged_kernel.decode_kernel()``) takes the decode rows."""
         device = kv.device
         slot_parts = []
         for segment in segments:
@@ -89,8 +107,26 @@ class PackedStep:
         slot_mapping = torch.cat(slot_parts).to(device)
         decode = [s for s in segments if s.length == 1]
         prefill = [s for s in segments if s.length > 1]
+        decode_rows = None
+        if decode and decode_kernel is not None and device.type == "cpu" and kv.dtype in KERNEL_DTYPES:
+            decode_rows, decode = _decode_rows(decode, block_size), []
         batches = [_batch(group, block_size, mask_dtype, device) for group in (decode, prefill) if group]
-        return cls(kv, block_size, slot_mapping, batches, segments)
+        return cls(kv, block_size, slot_mapping, batches, segments, decode_rows, decode_kernel if decode_rows else None)
+
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _decode_rows(segments: list[Segment], block_size: int) -> DecodeRows:
+    seen = [-(-(s.past + 1) // block_size) for s in segments]
+    tables = torch.zeros(len(segments), max(seen), dtype=torch.long)
+    for row, segment in enumerate(segments):
+        tables[row, : seen[row]] = torch.tensor(segment.block_table[: seen[row]], dtype=torch.long)
+    return DecodeRows(
+        block_tables=tables,
+        context_lens=torch.tensor([s.past + 1 for s in segments], dtype=torch.long),
+        query_rows=torch.tensor([s.start for s in segments], dtype=torch.long),
+    )
 
 
 def _batch(segments: list[Segment], block_size: int, mask_dtype: torch.dtype, device: torch.device) -> AttentionBatch:
@@ -149,6 +185,12 @@ def packed_attention(
     heads, total = query.shape[1], query.shape[2]
     groups = heads // kv_heads
     output = query.new_empty(total, heads, head_dim)
+    if chatkv_step.decode_rows is not None:
+        rows = chatkv_step.decode_rows
+        chatkv_step.decode_kernel(
+            query[0].transpose(0, 1), key_cache, value_cache, rows.block_tables, rows.context_lens, rows.query_rows,
+            output, chatkv_step.block_size, scaling if scaling is not None else head_dim**-0.5,
+        )
     for batch in chatkv_step.batches:  # one for decode tokens, one for prefill chunks
         b, q = batch.batch, batch.queries
         folded = (

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chatkv.engine.attention import PackedStep, Segment, use_packed_attention
 from chatkv.engine.kv_store import BLOCK_SIZE, KvLayout
+from chatkv.engine.paged_kernel import decode_kernel
 from chatkv.model.loader import ModelBundle
 
 # Chosen explicitly: left to itself, torch on CUDA may pick cuDNN attention, which builds a new plan for
@@ -28,7 +31,9 @@ def exact_float32_matmuls(device: torch.device, dtype: torch.dtype) -> None:
 
 
 class ModelRunner:
-    def __init__(self, bundle: ModelBundle, block_size: int = BLOCK_SIZE) -> None:
+    def __init__(
+        self, bundle: ModelBundle, block_size: int = BLOCK_SIZE, progress: Callable[[str], None] | None = None
+    ) -> None:
         use_packed_attention(bundle.model)
         self.model = bundle.engine_model  # the lean Llama forward where there is one
         self.device = bundle.device
@@ -36,6 +41,8 @@ class ModelRunner:
         exact_float32_matmuls(self.device, self.dtype)
         self.layout = kv_layout_of(bundle.model.config)
         self.block_size = block_size
+        # the CPU decode kernel, or None (CUDA, no compiler): attention then gathers and calls SDPA
+        self.decode_kernel = decode_kernel(progress) if torch.device(self.device).type == "cpu" else None
         self.tokens_fed = 0  # every token that went through the model: tests check reuse against it
 
     def forward(
@@ -51,7 +58,7 @@ class ModelRunner:
         ``step`` is a built ``PackedStep``, or the step's segments plus ``kv``, the pool they index.
         """
         if not isinstance(step, PackedStep):
-            step = PackedStep.build(kv, step, self.block_size, self.dtype)
+            step = PackedStep.build(kv, step, self.block_size, self.dtype, self.decode_kernel)
         ids = torch.tensor([input_ids], dtype=torch.long).to(self.device)
         position_ids = torch.tensor([positions], dtype=torch.long).to(self.device)
         keep = torch.tensor(logits_rows or [len(input_ids) - 1], dtype=torch.long).to(self.device)

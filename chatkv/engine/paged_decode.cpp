@@ -1,0 +1,356 @@
+// Decode attention read straight from the paged KV pool, for the CPU.
+//
+// One query token per sequence attends over that sequence's cached keys and values, found through its
+// block table; nothing is gathered into a padded copy first. Work is split over (sequence, KV head)
+// pairs; each pair reads its keys and values once, for all the query heads that share that KV head
+// (grouped-query attention). Scores, softmax and sums are float32 whatever the pool's dtype.
+//
+// Registered as torch.ops.chatkv.paged_decode_attention; built on first use by
+// chatkv/engine/paged_kernel.py.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline void load_row(const float* source, float* target, int64_t n) { std::memcpy(target, source, n * sizeof(float)); }
+
+inline void load_row(const c10::BFloat16* source, float* target, int64_t n) {
+  // bfloat16 is the top half of a float32: a shift, which the compiler vectorizes
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(source);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t widened = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(target + i, &widened, sizeof(float));
+  }
+}
+
+inline void store_row(const float* source, float* target, int64_t n) { std::memcpy(target, source, n * sizeof(float)); }
+
+inline void store_row(const float* source, c10::BFloat16* target, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) target[i] = c10::BFloat16(source[i]);  // round to nearest even
+}
+
+// HEAD_DIM > 0 fixes the head size at compile time (the common sizes), so the inner loops unroll and
+// vectorize fully; 0 takes it from the tensors.
+template <typename scalar_t, int64_t HEAD_DIM>
+void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+            const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
+            at::Tensor& output, int64_t block_size, double scale) {
+  const int64_t sequences = block_tables.size(0);
+  const int64_t table_width = block_tables.size(1);
+  const int64_t heads = query.size(1);
+  const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : query.size(2);
+  const int64_t kv_heads = key_cache.size(1);
+  const int64_t groups = heads / kv_heads;
+  const int64_t query_row_stride = query.stride(0), query_head_stride = query.stride(1);
+  const int64_t slot_stride = kv_heads * head_dim;
+  const scalar_t* query_data = query.data_ptr<scalar_t>();
+  const scalar_t* key_data = key_cache.data_ptr<scalar_t>();
+  const scalar_t* value_data = value_cache.data_ptr<scalar_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lengths = context_lens.data_ptr<int64_t>();
+  const int64_t* rows = query_rows.data_ptr<int64_t>();
+  scalar_t* output_data = output.data_ptr<scalar_t>();
+  const float scale_f = static_cast<float>(scale);
+
+  at::parallel_for(0, sequences * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> queries(groups * head_dim), sums(groups * head_dim), row(head_dim), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t sequence = task / kv_heads, kv_head = task % kv_heads;
+      const int64_t length = lengths[sequence];
+      const int64_t* table = tables + sequence * table_width;
+      const int64_t query_row = rows[sequence];
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t head = kv_head * groups + g;
+        float* q = queries.data() + g * head_dim;
+        load_row(query_data + query_row * query_row_stride + head * query_head_stride, q, head_dim);
+        for (int64_t d = 0; d < head_dim; ++d) q[d] *= scale_f;
+      }
+      scores.resize(groups * length);
+      // scores[g, t] = q_g . k_t, block by block; each key row is read once for all the group's query heads
+      for (int64_t first = 0, block = 0; first < length; first += block_size, ++block) {
+        const scalar_t* keys = key_data + table[block] * block_size * slot_stride + kv_head * head_dim;
+        const int64_t count = std::min(block_size, length - first);
+        for (int64_t offset = 0; offset < count; ++offset) {
+          load_row(keys + offset * slot_stride, row.data(), head_dim);
+          for (int64_t g = 0; g < groups; ++g) {
+            const float* q = queries.data() + g * head_dim;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * row[d];
+            scores[g * length + first + offset] = dot;
+          }
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {  // softmax over t, in place
+        float* s = scores.data() + g * length;
+        float peak = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < length; ++t) peak = std::max(peak, s[t]);
+        float total = 0.0f;
+        for (int64_t t = 0; t < length; ++t) {
+          s[t] = std::exp(s[t] - peak);
+          total += s[t];
+        }
+        const float inverse = 1.0f / total;
+        for (int64_t t = 0; t < length; ++t) s[t] *= inverse;
+      }
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      for (int64_t first = 0, block = 0; first < length; first += block_size, ++block) {
+        const scalar_t* values = value_data + table[block] * block_size * slot_stride + kv_head * head_dim;
+        const int64_t count = std::min(block_size, length - first);
+        for (int64_t offset = 0; offset < count; ++offset) {
+          load_row(values + offset * slot_stride, row.data(), head_dim);
+          for (int64_t g = 0; g < groups; ++g) {
+            const float weight = scores[g * length + first + offset];
+            float* acc = sums.data() + g * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) acc[d] += weight * row[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t head = kv_head * groups + g;
+        store_row(sums.data() + g * head_dim, output_data + (query_row * heads + head) * head_dim, head_dim);
+      }
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// The AVX-512 path: a task's query heads stay in registers while each key and value row is read once.
+// Scores of 16 keys are reduced together (one transpose-and-add tree instead of 16 horizontal sums),
+// the softmax runs online over blocks with a polynomial exp (relative error ~2e-7), and the value sums
+// stay in registers.
+
+inline __m512 load16(const float* source) { return _mm512_loadu_ps(source); }
+
+inline __m512 load16(const c10::BFloat16* source) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// [sum(v[0]), ..., sum(v[15])]
+inline __m512 sum_each(__m512 v[16]) {
+  __m512 pairs[8];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  __m512 quads[4];
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a, b, c, d], each the sum of that lane of its vector
+    const __m512d low = _mm512_castps_pd(pairs[2 * i]), high = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(low, high)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(low, high)));
+  }
+  // add the four 128-bit lanes of each quad: lanes 0+1 and 2+3, then the two halves
+  const __m512 first = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 second = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(first, second, 0x88), _mm512_shuffle_f32x4(first, second, 0xDD));
+}
+
+// e^x for x <= 0 (scores minus their maximum); -inf gives 0
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // x - n ln2, in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);  // p * 2^n
+}
+
+// Ask for the rows of keys (or values) [first, first + 16) of one KV head before they are needed: blocks
+// lie anywhere in the pool, so the hardware prefetcher cannot guess the next one.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* cache, const int64_t* table, int64_t block_size, int64_t slot_stride,
+                          int64_t head_offset, int64_t first, int64_t length, int64_t row_bytes, int hint) {
+  const int64_t stop = std::min<int64_t>(first + 16, length);
+  for (int64_t t = first; t < stop; ++t) {
+    const char* row = reinterpret_cast<const char*>(
+        cache + (table[t / block_size] * block_size + t % block_size) * slot_stride + head_offset);
+    for (int64_t line = 0; line < row_bytes; line += 64) {
+      if (hint == 0) _mm_prefetch(row + line, _MM_HINT_T0);
+      else _mm_prefetch(row + line, _MM_HINT_T1);
+    }
+  }
+}
+
+template <typename scalar_t, int GROUPS, int VECTORS>  // VECTORS = head_dim / 16
+void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                 const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
+                 at::Tensor& output, int64_t block_size, double scale) {
+  constexpr int64_t head_dim = VECTORS * 16;
+  const int64_t sequences = block_tables.size(0);
+  const int64_t table_width = block_tables.size(1);
+  const int64_t heads = query.size(1);
+  const int64_t kv_heads = key_cache.size(1);
+  const int64_t query_row_stride = query.stride(0), query_head_stride = query.stride(1);
+  const int64_t slot_stride = kv_heads * head_dim;
+  const scalar_t* query_data = query.data_ptr<scalar_t>();
+  const scalar_t* key_data = key_cache.data_ptr<scalar_t>();
+  const scalar_t* value_data = value_cache.data_ptr<scalar_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lengths = context_lens.data_ptr<int64_t>();
+  const int64_t* rows = query_rows.data_ptr<int64_t>();
+  scalar_t* output_data = output.data_ptr<scalar_t>();
+  const __m512 scale_v = _mm512_set1_ps(static_cast<float>(scale));
+
+  at::parallel_for(0, sequences * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t sequence = task / kv_heads, kv_head = task % kv_heads;
+      const int64_t length = lengths[sequence];
+      const int64_t* table = tables + sequence * table_width;
+      const int64_t query_row = rows[sequence];
+      const int64_t head_offset = kv_head * head_dim, row_bytes = head_dim * sizeof(scalar_t);
+      auto row_of = [&](const scalar_t* cache, int64_t t) {
+        return cache + (table[t / block_size] * block_size + t % block_size) * slot_stride + head_offset;
+      };
+      __m512 q[GROUPS][VECTORS], sums[GROUPS][VECTORS], products[GROUPS][16];
+      float peaks[GROUPS], totals[GROUPS];
+      for (int g = 0; g < GROUPS; ++g) {
+        const scalar_t* row = query_data + query_row * query_row_stride + (kv_head * GROUPS + g) * query_head_stride;
+        for (int v = 0; v < VECTORS; ++v) {
+          q[g][v] = _mm512_mul_ps(load16(row + 16 * v), scale_v);
+          sums[g][v] = _mm512_setzero_ps();
+        }
+        peaks[g] = -std::numeric_limits<float>::infinity();
+        totals[g] = 0.0f;
+      }
+      for (int64_t ahead = 0; ahead < 32; ahead += 16) {
+        prefetch_rows(key_data, table, block_size, slot_stride, head_offset, ahead, length, row_bytes, 0);
+        prefetch_rows(value_data, table, block_size, slot_stride, head_offset, ahead, length, row_bytes, 0);
+      }
+      // one pass, 16 keys at a time (a block when block_size is 16), with a running softmax (online softmax):
+      // each key and value row is read once, for all the query heads that share this KV head
+      for (int64_t first = 0; first < length; first += 16) {
+        const int64_t count = std::min<int64_t>(16, length - first);
+        prefetch_rows(key_data, table, block_size, slot_stride, head_offset, first + 32, length, row_bytes, 0);
+        prefetch_rows(value_data, table, block_size, slot_stride, head_offset, first + 32, length, row_bytes, 0);
+        for (int64_t k = 0; k < 16; ++k) {
+          if (k >= count) {
+            for (int g = 0; g < GROUPS; ++g) products[g][k] = _mm512_setzero_ps();
+            continue;
+          }
+          const scalar_t* key = row_of(key_data, first + k);
+          __m512 key_v[VECTORS];
+          for (int v = 0; v < VECTORS; ++v) key_v[v] = load16(key + 16 * v);
+          for (int g = 0; g < GROUPS; ++g) {
+            __m512 acc = _mm512_mul_ps(q[g][0], key_v[0]);
+            for (int v = 1; v < VECTORS; ++v) acc = _mm512_fmadd_ps(q[g][v], key_v[v], acc);
+            products[g][k] = acc;
+          }
+        }
+        const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+        alignas(64) float weights[GROUPS][16];
+        for (int g = 0; g < GROUPS; ++g) {
+          const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid,
+                                                   sum_each(products[g]));
+          const float peak = std::max(peaks[g], _mm512_reduce_max_ps(scores));
+          const float rescale = std::exp(peaks[g] - peak);  // 0 on the first block (peaks start at -inf)
+          const __m512 exps = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(peak))));
+          _mm512_store_ps(weights[g], exps);
+          totals[g] = totals[g] * rescale + _mm512_reduce_add_ps(exps);
+          peaks[g] = peak;
+          const __m512 rescale_v = _mm512_set1_ps(rescale);
+          for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_mul_ps(sums[g][v], rescale_v);
+        }
+        for (int64_t k = 0; k < count; ++k) {
+          const scalar_t* value = row_of(value_data, first + k);
+          __m512 value_v[VECTORS];
+          for (int v = 0; v < VECTORS; ++v) value_v[v] = load16(value + 16 * v);
+          for (int g = 0; g < GROUPS; ++g) {
+            const __m512 weight = _mm512_set1_ps(weights[g][k]);
+            for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_fmadd_ps(weight, value_v[v], sums[g][v]);
+          }
+        }
+      }
+      for (int g = 0; g < GROUPS; ++g) {
+        alignas(64) float out[head_dim];
+        const __m512 inverse = _mm512_set1_ps(1.0f / totals[g]);
+        for (int v = 0; v < VECTORS; ++v) _mm512_store_ps(out + 16 * v, _mm512_mul_ps(sums[g][v], inverse));
+        store_row(out, output_data + (query_row * heads + kv_head * GROUPS + g) * head_dim, head_dim);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, int VECTORS>
+bool attend_simd_groups(int64_t groups, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
+                        at::Tensor& output, int64_t block_size, double scale) {
+#define CHATKV_GROUPS(G) \
+  case G: attend_simd<scalar_t, G, VECTORS>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return true;
+  switch (groups) {
+    CHATKV_GROUPS(1) CHATKV_GROUPS(2) CHATKV_GROUPS(3) CHATKV_GROUPS(4) CHATKV_GROUPS(5) CHATKV_GROUPS(6) CHATKV_GROUPS(7) CHATKV_GROUPS(8)
+    default: return false;
+  }
+#undef CHATKV_GROUPS
+}
+#endif
+
+template <typename scalar_t>
+void attend_any_head_dim(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                         const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
+                         at::Tensor& output, int64_t block_size, double scale) {
+#if defined(__AVX512F__)
+  const int64_t groups = query.size(1) / key_cache.size(1);
+  if (query.size(2) == 16 && attend_simd_groups<scalar_t, 1>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale)) return;
+  if (query.size(2) == 32 && attend_simd_groups<scalar_t, 2>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale)) return;
+  if (query.size(2) == 64 && attend_simd_groups<scalar_t, 4>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale)) return;
+  if (query.size(2) == 128 && attend_simd_groups<scalar_t, 8>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale)) return;
+#endif
+  switch (query.size(2)) {
+    case 64: return attend<scalar_t, 64>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
+    case 128: return attend<scalar_t, 128>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
+    default: return attend<scalar_t, 0>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
+  }
+}
+
+// query [T, heads, head_dim] (any strides within a row: the packed step's transposed view);
+// key_cache, value_cache [slots, kv_heads, head_dim] contiguous; block_tables int64 [n, width];
+// context_lens int64 [n] (keys each sequence attends over, its new token included);
+// query_rows int64 [n] (each sequence's row in query and output); output [T, heads, head_dim] contiguous.
+void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens,
+                            const at::Tensor& query_rows, at::Tensor output, int64_t block_size, double scale) {
+  TORCH_CHECK(query.device().is_cpu(), "paged_decode_attention runs on the CPU");
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [T, heads, head_dim] with unit last stride");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "the KV caches must be contiguous");
+  TORCH_CHECK(output.is_contiguous() && output.sizes() == query.sizes(), "output must be contiguous, shaped like query");
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && output.scalar_type() == query.scalar_type(),
+              "query, caches and output must share one dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+                  query_rows.scalar_type() == at::kLong && block_tables.is_contiguous(),
+              "block tables, lengths and rows must be contiguous int64");
+  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "query heads must be a multiple of KV heads");
+  if (query.scalar_type() == at::kFloat) {
+    attend_any_head_dim<float>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
+  } else if (query.scalar_type() == at::kBFloat16) {
+    attend_any_head_dim<c10::BFloat16>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, not ", query.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(chatkv, m) {
+  m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+        "Tensor context_lens, Tensor query_rows, Tensor(a!) output, int block_size, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(chatkv, CPU, m) { m.impl("paged_decode_attention", paged_decode_attention); }
