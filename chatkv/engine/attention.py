@@ -91,6 +91,7 @@ class PackedStep:
     segments: list[Segment]
     decode_rows: DecodeRows | None = None
     decode_kernel: Callable | None = None
+    layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer: key, value views
 
     @classmethod
     def build(
@@ -111,7 +112,17 @@ class PackedStep:
         if decode and decode_kernel is not None and device.type == "cpu" and kv.dtype in KERNEL_DTYPES:
             decode_rows, decode = _decode_rows(decode, block_size), []
         batches = [_batch(group, block_size, mask_dtype, device) for group in (decode, prefill) if group]
-        return cls(kv, block_size, slot_mapping, batches, segments, decode_rows, decode_kernel if decode_rows else None)
+        return cls(kv, block_size, slot_mapping, batches, segments, decode_rows, decode_kernel if decode_rows else None,
+                   _layer_caches(kv))
+
+
+def _layer_caches(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(kv[layer, 0], kv[layer, 1])`` for every layer, made once per pool and kept on it (a grown pool is a new tensor)."""
+    views = getattr(kv, "_chatkv_layer_caches", None)
+    if views is None:
+        views = [(kv[layer, 0], kv[layer, 1]) for layer in range(kv.shape[0])]
+        kv._chatkv_layer_caches = views
+    return views
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -172,30 +183,55 @@ def packed_attention(
     chatkv_step: PackedStep | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """Attention output ``[1, T, heads, head_dim]`` for a packed step (stock SDPA when ``chatkv_step`` is None)."""
+    """Attention output ``[1, T, heads, head_dim]`` for a packed step (stock SDPA when ``chatkv_step`` is None).
+
+    The signature transformers' ``AttentionInterface`` calls; ``attend`` does the work.
+    """
     if chatkv_step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    layer = module.layer_idx
-    key_cache = chatkv_step.kv[layer, 0]  # [slots, kv_heads, head_dim]
-    value_cache = chatkv_step.kv[layer, 1]
+    attended = attend(module, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), scaling, chatkv_step)
+    return attended.unsqueeze(0), None
+
+
+def attend(
+    module: object,
+    query: torch.Tensor,  # [T, heads, head_dim]
+    key: torch.Tensor,  # [T, kv_heads, head_dim]
+    value: torch.Tensor,
+    scaling: float | None,
+    step: PackedStep | None,
+) -> torch.Tensor:
+    """Attention output ``[T, heads, head_dim]``: the step's K/V go into the pool, then every row attends over its session.
+
+    ``module`` carries ``layer_idx`` (and, without a step, what transformers' SDPA reads: ``is_causal``,
+    ``num_key_value_groups``); without a step the input attends causally over itself.
+    """
+    if step is None:
+        attended, _ = sdpa_attention_forward(
+            module, query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None], None, scaling=scaling
+        )
+        return attended[0]
+    key_cache, value_cache = step.layer_caches[module.layer_idx]  # each [slots, kv_heads, head_dim]
     slots, kv_heads, head_dim = key_cache.shape
-    block_elements = chatkv_step.block_size * kv_heads * head_dim
-    key_cache.index_copy_(0, chatkv_step.slot_mapping, key[0].transpose(0, 1))
-    value_cache.index_copy_(0, chatkv_step.slot_mapping, value[0].transpose(0, 1))
-    heads, total = query.shape[1], query.shape[2]
+    key_cache.index_copy_(0, step.slot_mapping, key)
+    value_cache.index_copy_(0, step.slot_mapping, value)
+    total, heads = query.shape[0], query.shape[1]
     groups = heads // kv_heads
     output = query.new_empty(total, heads, head_dim)
-    if chatkv_step.decode_rows is not None:
-        rows = chatkv_step.decode_rows
-        chatkv_step.decode_kernel(
-            query[0].transpose(0, 1), key_cache, value_cache, rows.block_tables, rows.context_lens, rows.query_rows,
-            output, chatkv_step.block_size, scaling if scaling is not None else head_dim**-0.5,
+    if step.decode_rows is not None:
+        rows = step.decode_rows
+        step.decode_kernel(
+            query, key_cache, value_cache, rows.block_tables, rows.context_lens, rows.query_rows,
+            output, step.block_size, scaling if scaling is not None else head_dim**-0.5,
         )
-    for batch in chatkv_step.batches:  # one for decode tokens, one for prefill chunks
+    if not step.batches:
+        return output
+    block_elements = step.block_size * kv_heads * head_dim
+    by_head = query.transpose(0, 1)  # [heads, T, head_dim]
+    for batch in step.batches:  # decode rows without the kernel; prefill chunks
         b, q = batch.batch, batch.queries
         folded = (
-            query[0]
-            .index_select(1, batch.query_index)
+            by_head.index_select(1, batch.query_index)
             .view(kv_heads, groups, b, q, head_dim)
             .permute(2, 0, 1, 3, 4)
             .reshape(b, kv_heads, groups * q, head_dim)
@@ -205,7 +241,7 @@ def packed_attention(
         attended = F.scaled_dot_product_attention(folded, keys, values, attn_mask=batch.folded_mask(groups), scale=scaling)
         rows = attended.view(b, kv_heads, groups, q, head_dim).permute(0, 3, 1, 2, 4).reshape(b * q, heads, head_dim)
         output.index_copy_(0, batch.output_index, rows.index_select(0, batch.real_rows))
-    return output.unsqueeze(0), None
+    return output
 
 
 def _gather_blocks(cache: torch.Tensor, batch: AttentionBatch, block_elements: int, kv_heads: int, head_dim: int) -> torch.Tensor:

@@ -247,7 +247,9 @@ class LeanLlama:
         self.lm_head = linears["lm_head"]
         if quant == "none":
             self._share_storage(model)
-        self.cos, self.sin = self._rope_tables(model, config)
+        self.cos, sin = self._rope_tables(model, config)
+        half = self.head_dim // 2
+        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         self.device = self.embed.device
 
     def _share_storage(self, model: Any) -> None:
@@ -287,15 +289,20 @@ class LeanLlama:
         yield self.embed
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # the transformers LlamaRMSNorm computation, op for op, so fp32 stays bit-identical
-        variance = hidden.float().pow(2).mean(-1, keepdim=True)
-        return weight * (hidden.float() * torch.rsqrt(variance + self.eps)).to(hidden.dtype)
+        if self.quant != "none":
+            # one fused op; quantized modes are exact against their own reference, which runs this same code
+            return F.rms_norm(hidden, weight.shape, weight, self.eps)
+        # unquantized: the transformers LlamaRMSNorm computation, op for op, so fp32 stays bit-identical to it
+        widened = hidden.float()
+        variance = widened.pow(2).mean(-1, keepdim=True)
+        return weight * (widened * torch.rsqrt(variance + self.eps)).to(hidden.dtype)
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x * cos) + (rotated * sin)
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on ``x`` [T, heads, head_dim]: x·cos + rotate_half(x)·sin, with rotate_half's minus sign folded into
+        ``signed_sin`` (exact: only a sign moves), so queries and keys rotate together in five ops."""
+        half = self.head_dim // 2
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + swapped * signed_sin
 
     @torch.inference_mode()
     def __call__(
@@ -306,30 +313,26 @@ class LeanLlama:
         chatkv_step: Any = None,
         **_: Any,
     ) -> LeanOutput:
-        from chatkv.engine.attention import packed_attention
+        from chatkv.engine.attention import attend
 
         total = input_ids.shape[1]
         positions = position_ids[0] if position_ids is not None else torch.arange(total, device=input_ids.device)
         cos = self.cos[positions][:, None, :]  # [T, 1, head_dim], broadcast over heads
-        sin = self.sin[positions][:, None, :]
+        signed_sin = self.signed_sin[positions][:, None, :]
         hidden = self.embed[input_ids[0]]  # [T, hidden]
-        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        rotated_heads, k_end = self.heads + self.kv_heads, self.q_size + self.kv_size
         for layer in self.layers:
-            normed = self._norm(hidden, layer.input_norm)
-            qkv = layer.qkv(normed)
-            query = self._rotate(qkv[:, :q_end].view(total, self.heads, self.head_dim), cos, sin)
-            key = self._rotate(qkv[:, q_end:k_end].view(total, self.kv_heads, self.head_dim), cos, sin)
-            value = qkv[:, k_end:].view(total, self.kv_heads, self.head_dim)
-            attended, _ = packed_attention(
+            qkv = layer.qkv(self._norm(hidden, layer.input_norm))
+            query_key = self._rotate(qkv[:, :k_end].view(total, rotated_heads, self.head_dim), cos, signed_sin)
+            attended = attend(
                 layer.site,
-                query.transpose(0, 1)[None],
-                key.transpose(0, 1)[None],
-                value.transpose(0, 1)[None],
-                None,
-                scaling=self.scaling,
-                chatkv_step=chatkv_step,
+                query_key[:, : self.heads],
+                query_key[:, self.heads :],
+                qkv[:, k_end:].view(total, self.kv_heads, self.head_dim),
+                self.scaling,
+                chatkv_step,
             )
-            hidden = hidden + layer.o(attended.reshape(total, self.q_size))
+            hidden = hidden + layer.o(attended.view(total, self.q_size))
             gate_up = layer.gate_up(self._norm(hidden, layer.post_norm))
             hidden = hidden + layer.down(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :])
         if isinstance(logits_to_keep, torch.Tensor):
