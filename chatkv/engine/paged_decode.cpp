@@ -173,19 +173,13 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);  // p * 2^n
 }
 
-// Ask for the rows of keys (or values) [first, first + 16) of one KV head before they are needed: blocks
-// lie anywhere in the pool, so the hardware prefetcher cannot guess the next one.
+// Ask for the 16 rows of keys (or values) of one KV head that start at ``first`` rows before they are
+// needed: blocks lie anywhere in the pool, so the hardware prefetcher cannot guess the next one.
 template <typename scalar_t>
-inline void prefetch_rows(const scalar_t* cache, const int64_t* table, int64_t block_size, int64_t slot_stride,
-                          int64_t head_offset, int64_t first, int64_t length, int64_t row_bytes, int hint) {
-  const int64_t stop = std::min<int64_t>(first + 16, length);
-  for (int64_t t = first; t < stop; ++t) {
-    const char* row = reinterpret_cast<const char*>(
-        cache + (table[t / block_size] * block_size + t % block_size) * slot_stride + head_offset);
-    for (int64_t line = 0; line < row_bytes; line += 64) {
-      if (hint == 0) _mm_prefetch(row + line, _MM_HINT_T0);
-      else _mm_prefetch(row + line, _MM_HINT_T1);
-    }
+inline void prefetch_tile(const scalar_t* first, int64_t rows, int64_t slot_stride, int64_t row_bytes) {
+  for (int64_t k = 0; k < rows; ++k) {
+    const char* row = reinterpret_cast<const char*>(first + k * slot_stride);
+    for (int64_t line = 0; line < row_bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
   }
 }
 
@@ -216,8 +210,9 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
       const int64_t* table = tables + sequence * table_width;
       const int64_t query_row = rows[sequence];
       const int64_t head_offset = kv_head * head_dim, row_bytes = head_dim * sizeof(scalar_t);
-      auto row_of = [&](const scalar_t* cache, int64_t t) {
-        return cache + (table[t / block_size] * block_size + t % block_size) * slot_stride + head_offset;
+      // tiles of 16 keys never straddle a block (block_size is a multiple of 16): a tile's rows are consecutive slots
+      auto tile_start = [&](int64_t first) {
+        return (table[first / block_size] * block_size + first % block_size) * slot_stride + head_offset;
       };
       __m512 q[GROUPS][VECTORS], sums[GROUPS][VECTORS], products[GROUPS][16];
       float peaks[GROUPS], totals[GROUPS];
@@ -230,22 +225,29 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
         peaks[g] = -std::numeric_limits<float>::infinity();
         totals[g] = 0.0f;
       }
-      for (int64_t ahead = 0; ahead < 32; ahead += 16) {
-        prefetch_rows(key_data, table, block_size, slot_stride, head_offset, ahead, length, row_bytes, 0);
-        prefetch_rows(value_data, table, block_size, slot_stride, head_offset, ahead, length, row_bytes, 0);
+      for (int64_t ahead = 0; ahead < std::min<int64_t>(32, length); ahead += 16) {
+        const int64_t start = tile_start(ahead), rows_ahead = std::min<int64_t>(16, length - ahead);
+        prefetch_tile(key_data + start, rows_ahead, slot_stride, row_bytes);
+        prefetch_tile(value_data + start, rows_ahead, slot_stride, row_bytes);
       }
-      // one pass, 16 keys at a time (a block when block_size is 16), with a running softmax (online softmax):
-      // each key and value row is read once, for all the query heads that share this KV head
+      // one pass, 16 keys at a time, with a running softmax (online softmax): each key and value row is
+      // read once, for all the query heads that share this KV head
       for (int64_t first = 0; first < length; first += 16) {
         const int64_t count = std::min<int64_t>(16, length - first);
-        prefetch_rows(key_data, table, block_size, slot_stride, head_offset, first + 32, length, row_bytes, 0);
-        prefetch_rows(value_data, table, block_size, slot_stride, head_offset, first + 32, length, row_bytes, 0);
+        if (first + 32 < length) {  // two tiles ahead
+          const int64_t start = tile_start(first + 32), rows_ahead = std::min<int64_t>(16, length - first - 32);
+          prefetch_tile(key_data + start, rows_ahead, slot_stride, row_bytes);
+          prefetch_tile(value_data + start, rows_ahead, slot_stride, row_bytes);
+        }
+        const int64_t start = tile_start(first);
+        const scalar_t* keys = key_data + start;
+        const scalar_t* values = value_data + start;
         for (int64_t k = 0; k < 16; ++k) {
           if (k >= count) {
             for (int g = 0; g < GROUPS; ++g) products[g][k] = _mm512_setzero_ps();
             continue;
           }
-          const scalar_t* key = row_of(key_data, first + k);
+          const scalar_t* key = keys + k * slot_stride;
           __m512 key_v[VECTORS];
           for (int v = 0; v < VECTORS; ++v) key_v[v] = load16(key + 16 * v);
           for (int g = 0; g < GROUPS; ++g) {
@@ -260,7 +262,7 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
           const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid,
                                                    sum_each(products[g]));
           const float peak = std::max(peaks[g], _mm512_reduce_max_ps(scores));
-          const float rescale = std::exp(peaks[g] - peak);  // 0 on the first block (peaks start at -inf)
+          const float rescale = std::exp(peaks[g] - peak);  // 0 on the first tile (peaks start at -inf)
           const __m512 exps = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(peak))));
           _mm512_store_ps(weights[g], exps);
           totals[g] = totals[g] * rescale + _mm512_reduce_add_ps(exps);
@@ -269,7 +271,7 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
           for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_mul_ps(sums[g][v], rescale_v);
         }
         for (int64_t k = 0; k < count; ++k) {
-          const scalar_t* value = row_of(value_data, first + k);
+          const scalar_t* value = values + k * slot_stride;
           __m512 value_v[VECTORS];
           for (int v = 0; v < VECTORS; ++v) value_v[v] = load16(value + 16 * v);
           for (int g = 0; g < GROUPS; ++g) {
@@ -308,10 +310,14 @@ void attend_any_head_dim(const at::Tensor& query, const at::Tensor& key_cache, c
                          at::Tensor& output, int64_t block_size, double scale) {
 #if defined(__AVX512F__)
   const int64_t groups = query.size(1) / key_cache.size(1);
-  if (query.size(2) == 16 && attend_simd_groups<scalar_t, 1>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale)) return;
-  if (query.size(2) == 32 && attend_simd_groups<scalar_t, 2>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale)) return;
-  if (query.size(2) == 64 && attend_simd_groups<scalar_t, 4>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale)) return;
-  if (query.size(2) == 128 && attend_simd_groups<scalar_t, 8>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale)) return;
+  if (block_size % 16 == 0) {  // the vectorized path reads 16 keys at a time from one block
+#define CHATKV_SIMD(DIM, VECTORS)                                                                                      \
+  if (query.size(2) == DIM && attend_simd_groups<scalar_t, VECTORS>(groups, query, key_cache, value_cache, block_tables, \
+                                                                    context_lens, query_rows, output, block_size, scale)) \
+    return;
+    CHATKV_SIMD(16, 1) CHATKV_SIMD(32, 2) CHATKV_SIMD(64, 4) CHATKV_SIMD(128, 8)
+#undef CHATKV_SIMD
+  }
 #endif
   switch (query.size(2)) {
     case 64: return attend<scalar_t, 64>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
