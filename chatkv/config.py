@@ -8,7 +8,7 @@ BatchingOptions). The config file is TOML with the same names as the dataclass f
     [batching]
     max_batch_size = 16
     [speculative]
-    draft_tokens = 4
+    draft_tokens = 3
     [model]
     dtype = "float32"
 
@@ -59,7 +59,7 @@ class BatchingOptions:
 class SpeculativeOptions:
     # greedy turns guess up to this many next tokens from their own conversation (prompt lookup) and check
     # them in one forward; the reply is the same as without guessing. 0: off
-    draft_tokens: int = 4
+    draft_tokens: int = 3
 
 
 @dataclass
