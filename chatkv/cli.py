@@ -32,6 +32,16 @@ def _size(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _non_negative(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {number}")
+    return number
+
+
 _DEFAULTS = Settings()
 
 
@@ -78,6 +88,10 @@ def _add_engine(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-queued", type=int, metavar="N",
                        help=f"turns waiting in the queue before new ones are refused ({_default(batching.max_total_queued_requests, 'batching.max_total_queued_requests')})")
     group.add_argument("--prefill-only", action="store_true", help="batch prefill only, decode one session at a time (the seed design)")
+    group.add_argument("--draft-tokens", type=_non_negative, metavar="N",
+                       help="speculative decoding of greedy replies (temperature 0): guess up to N next tokens from the "
+                            "conversation and check them in one forward pass; the reply is the same token for token, "
+                            f"0 is off ({_default(_DEFAULTS.speculative.draft_tokens, 'speculative.draft_tokens')})")
     group.add_argument("--no-snapshot", action="store_true", help="do not save KV caches to disk")
     group.add_argument("--max-snapshot-bytes", type=_size, metavar="SIZE",
                        help=f"disk budget for KV snapshots, e.g. 2GiB ({_default('2GiB', 'snapshot.max_disk_bytes')})")
@@ -208,6 +222,7 @@ def apply_flags(settings: Settings, args: argparse.Namespace) -> None:
         ("max_queued", settings.batching, "max_total_queued_requests"),
         ("max_snapshot_bytes", settings.snapshot, "max_disk_bytes"),
         ("max_new_tokens", settings.generation, "max_new_tokens"),
+        ("draft_tokens", settings.speculative, "draft_tokens"),
         ("temperature", settings.generation, "temperature"),
         ("theme", settings.ui, "theme"),
     ):

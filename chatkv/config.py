@@ -7,6 +7,8 @@ BatchingOptions). The config file is TOML with the same names as the dataclass f
     max_bytes_total = "512MiB"
     [batching]
     max_batch_size = 16
+    [speculative]
+    draft_tokens = 3
     [model]
     dtype = "float32"
 
@@ -51,6 +53,13 @@ class BatchingOptions:
     prefill_only: bool = False
     # tokens of prompt prefilled per forward pass, so long prompts do not stall decoding tabs
     prefill_chunk_tokens: int = 512
+
+
+@dataclass
+class SpeculativeOptions:
+    # greedy turns guess up to this many next tokens from their own conversation (prompt lookup) and check
+    # them in one forward; the reply is the same as without guessing. 0: off
+    draft_tokens: int = 3
 
 
 @dataclass
@@ -118,6 +127,7 @@ class BackendOptions:
 class Settings:
     kv: KvOptions = field(default_factory=KvOptions)
     batching: BatchingOptions = field(default_factory=BatchingOptions)
+    speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
     snapshot: SnapshotOptions = field(default_factory=SnapshotOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
     generation: GenerationOptions = field(default_factory=GenerationOptions)

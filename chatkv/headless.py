@@ -33,10 +33,13 @@ from chatkv.tui.widgets.chat_tab import ChatTab, TurnRefused
 STATS_FIELDS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "hit_rate", "evictions", "reused_tokens",
                 "avg_batch_size", "queue_depth", "decode_tok_s", "prefill_tok_s",
                 # prefix sharing (paged KV): reuse split by where it came from, and what sharing saves right now
-                "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved")
+                "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved",
+                # speculative decoding (prompt lookup): guessed tokens verified, accepted, and their ratio
+                "drafted_tokens", "accepted_draft_tokens", "draft_acceptance_rate")
 LOCAL_ONLY_STATS = ("sessions", "tokens", "bytes", "peak_bytes", "budget_bytes", "evictions", "avg_batch_size",
                     "queue_depth", "prefill_tok_s",
-                    "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved")
+                    "reused_tokens_same_session", "reused_tokens_other_session", "shared_blocks", "shared_bytes_saved",
+                    "drafted_tokens", "accepted_draft_tokens", "draft_acceptance_rate")
 TURN_FIELDS = ("prompt_tokens", "reused_tokens", "reused_from", "prefilled_tokens", "new_tokens", "ttft_ms",
                "decode_tok_s", "batch_size", "finish_reason", "dropped_messages", "shared_tokens", "shared_from")
 

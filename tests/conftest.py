@@ -35,8 +35,12 @@ def real_bundle(smollm2_dir: Path, models_dir: Path) -> ModelBundle:
     return load_model(DEFAULT_MODEL, models_dir, dtype="float32", device="cpu")
 
 
-def make_tiny_bundle(tokenizer, quant: str = "none") -> ModelBundle:
-    """The engine runs its lean forward (weights fused; quantized unless ``quant`` is none), as for the real model."""
+def make_tiny_bundle(tokenizer, quant: str = "none", initializer_range: float = 0.02) -> ModelBundle:
+    """The engine runs its lean forward (weights fused; quantized unless ``quant`` is none), as for the real model.
+
+    At the default ``initializer_range`` the model answers every prompt with one token over and over; at 0.1
+    its replies mix runs of a repeated token with changing ones (speculative decoding's guesses then both
+    hit and miss)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chatkv.model.lean_llama import LeanLlama
@@ -51,6 +55,7 @@ def make_tiny_bundle(tokenizer, quant: str = "none") -> ModelBundle:
         head_dim=16,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -218,6 +218,13 @@ def test_speed_puts_chatkv_beside_generate_and_llama_cpp_or_says_why_not(bench_r
     else:
         assert any("llama" in note for note in speed["notes"])
         assert "llama.cpp" in bench_run[1] and "not run" in bench_run[1]
+    # the reply that quotes its context, with speculative decoding on and off
+    quote = figures["quote"]
+    assert _positive(quote["decode_tok_s"], quote["no_draft"]["decode_tok_s"], quote["draft_tokens"])
+    assert 0.0 <= quote["draft_acceptance_rate"] <= 1.0
+    assert quote["accepted_draft_tokens"] <= quote["drafted_tokens"]
+    assert isinstance(quote["identical_to_no_draft"], bool)
+    assert "quoting" in bench_run[1]
 
 
 def test_speed_finds_no_llama_bench_where_the_path_given_is_missing(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def settings_with(**changes) -> Settings:
 
 @pytest.mark.real_model
 def test_from_turn_two_only_uncached_tokens_are_prefilled_by_counters_and_by_tokens_fed(real_bundle):
-    engine = Engine(real_bundle, Settings()).start()
+    engine = Engine(real_bundle, settings_with(speculative__draft_tokens=0)).start()  # one token fed per decode step
     history: list[Message] = []
     try:
         chat(engine, "a", history, "Give me a word that rhymes with cat.", 12)
@@ -44,7 +44,8 @@ def test_from_turn_two_only_uncached_tokens_are_prefilled_by_counters_and_by_tok
 
 @pytest.mark.real_model
 def test_four_sessions_submitting_at_once_share_prefill_and_decode_forward_passes(real_bundle):
-    engine = Engine(real_bundle, settings_with(batching__max_batch_wait_ms=200)).start()
+    # one pass per decode step: speculative decoding, which may produce several tokens a step, is off here
+    engine = Engine(real_bundle, settings_with(batching__max_batch_wait_ms=200, speculative__draft_tokens=0)).start()
     try:
         prompts = ["Count from one to twenty.", "List the days of the week.", "Name the planets.", "Spell the alphabet."]
         passes_before = engine.stats().forward_passes
@@ -61,7 +62,9 @@ def test_four_sessions_submitting_at_once_share_prefill_and_decode_forward_passe
 
 
 def test_prefill_only_mode_decodes_one_session_per_forward_pass(tiny_bundle):
-    engine = Engine(tiny_bundle, settings_with(batching__prefill_only=True, batching__max_batch_wait_ms=200)).start()
+    # one forward pass per token: speculative decoding, which gets several from one, is off here
+    engine = Engine(tiny_bundle, settings_with(batching__prefill_only=True, batching__max_batch_wait_ms=200,
+                                               speculative__draft_tokens=0)).start()
     try:
         handles = [engine.submit(f"s{i}", [Message("user", f"hello {i}")], Sampling(max_new_tokens=6)) for i in range(3)]
         results = [h.wait(60) for h in handles]

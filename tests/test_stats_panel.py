@@ -289,3 +289,16 @@ async def test_decode_section_says_how_many_threads_and_which_weights_the_engine
         assert "1 thread · bfloat16+int4" in section_text(panel, "decode")
         panel.show_stats(EngineStats(threads=3, weights="float32"), None)
         assert "3 threads · float32" in section_text(panel, "decode")
+
+
+async def test_decode_section_says_how_many_guessed_tokens_the_model_accepted() -> None:
+    app = PanelApp()
+    async with app.run_test(size=(50, 50)):
+        panel = app.query_one(StatsPanel)
+        panel.show_stats(EngineStats(threads=1, draft_tokens=0), None)
+        assert "drafts off" in " ".join(section_text(panel, "decode").split())
+        panel.show_stats(EngineStats(threads=1, draft_tokens=3), None)
+        assert "up to 3 · none yet" in section_text(panel, "decode")
+        panel.show_stats(EngineStats(threads=1, draft_tokens=3, drafted_tokens=1200, accepted_draft_tokens=900,
+                                     draft_acceptance_rate=0.75), None)
+        assert "75% of 1,200 accepted" in section_text(panel, "decode")

@@ -175,6 +175,11 @@ class EngineStats:
     generated_tokens: int = 0
     prefilled_tokens: int = 0
     threads: int = 0  # torch threads the engine computes with
+    # speculative decoding (prompt lookup, greedy turns): guessed tokens verified, and those accepted
+    draft_tokens: int = 0  # the most tokens a turn guesses per step (0: off)
+    drafted_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    draft_acceptance_rate: float = 0.0  # accepted_draft_tokens / drafted_tokens
     weights: str = ""  # the model's dtype and weight quantization, e.g. "bfloat16+int4"
     # a remote backend's server-wide figures (chatkv.remote.server_metrics.ServerReport); None for the local engine
     server: Any = None

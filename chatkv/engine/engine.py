@@ -92,7 +92,7 @@ class Engine:
         self.store = KvStore(
             self.runner.layout, bundle.dtype, bundle.device, self.kv_options, on_evict=self._spill_to_disk
         )
-        self.scheduler = Scheduler(self.settings.batching)
+        self.scheduler = Scheduler(self.settings.batching, self.settings.speculative.draft_tokens)
         self.metrics = EngineMetrics()
         # one lock guards the scheduler, the store and the metrics; the engine thread releases it
         # only while the model computes, so stats() and submit() never wait for a forward pass
@@ -230,6 +230,10 @@ class Engine:
                 generated_tokens=metrics.generated_tokens,
                 prefilled_tokens=metrics.prefilled_tokens,
                 threads=self.threads,
+                draft_tokens=self.settings.speculative.draft_tokens,
+                drafted_tokens=metrics.drafted_tokens,
+                accepted_draft_tokens=metrics.accepted_draft_tokens,
+                draft_acceptance_rate=metrics.draft_acceptance_rate,
                 weights=self.bundle.fingerprint.dtype,
             )
 
@@ -433,7 +437,7 @@ class Engine:
     # one step ----------------------------------------------------------------------------------
     def _run_step(self, plan: list[PlannedSegment]) -> None:
         try:
-            logits = self._forward(plan)
+            logits, seconds = self._forward(plan)
         except Exception as exc:  # noqa: BLE001 - isolate the failing session below
             if len(plan) == 1:
                 with self._lock:
@@ -443,10 +447,15 @@ class Engine:
             for segment in plan:
                 self._run_step([segment])
             return
+        prefill_tokens = sum(len(p.tokens) for p in plan if p.turn.state is TurnState.PREFILLING)
+        fed = sum(len(p.tokens) for p in plan)
         with self._lock:
-            self._after_forward(plan, logits)
+            decoded = self._after_forward(plan, logits)
+            self.metrics.record_step(len(plan), prefill_tokens, fed - prefill_tokens, seconds,
+                                     len(self.scheduler.waiting), decode_generated=decoded)
 
     def _forward(self, plan: list[PlannedSegment]):
+        """The step's logits (rows in plan order) and the seconds the forward took."""
         input_ids: list[int] = []
         positions: list[int] = []
         segments: list[Segment] = []
@@ -459,32 +468,31 @@ class Engine:
             segments.append(Segment(entry.block_table, start=len(input_ids), length=len(planned.tokens), past=past))
             input_ids.extend(planned.tokens)
             positions.extend(range(past, past + len(planned.tokens)))
-            if planned.completes_prompt:
-                logits_rows.append(len(input_ids) - 1)
+            logits_rows.extend(range(len(input_ids) - planned.logits_rows, len(input_ids)))
         started = time.perf_counter()
         logits = self.runner.forward(input_ids, positions, segments, logits_rows, kv=self.store.kv)
-        seconds = time.perf_counter() - started
-        prefill_tokens = sum(len(p.tokens) for p in plan if p.turn.state is TurnState.PREFILLING)
-        with self._lock:
-            self.metrics.record_step(len(plan), prefill_tokens, len(input_ids) - prefill_tokens, seconds,
-                                     len(self.scheduler.waiting))
-        return logits
+        return logits, time.perf_counter() - started
 
-    def _after_forward(self, plan: list[PlannedSegment], logits) -> None:
+    def _after_forward(self, plan: list[PlannedSegment], logits) -> int:
+        """Sample, verify guesses, stream and commit; returns the tokens that decoding turns produced."""
         now = time.perf_counter()
         # greedy rows are picked on the model's device; only their ids come back (one copy per step)
         greedy = logits.argmax(dim=-1).tolist()
         row = 0
+        decoded = 0
         for planned in plan:
             turn = planned.turn
-            samples = planned.completes_prompt
+            samples = planned.completes_prompt  # read before the prefill position moves
+            logits_row = row
+            row += planned.logits_rows
+            if planned.draft:
+                decoded += self._accept_draft(planned, greedy[logits_row : row], now)
+                continue
             self.store.commit(turn.session_id, planned.tokens, share=self._sharing)  # their K/V are in the pool now
             if turn.state is TurnState.PREFILLING:
                 turn.prefill_position += len(planned.tokens)
             if not samples:
                 continue
-            logits_row = row
-            row += 1
             try:
                 if turn.sampling.greedy:
                     token = greedy[logits_row]
@@ -495,9 +503,37 @@ class Engine:
                     turn.state = TurnState.DECODING
                     turn.first_token_at = now
                     turn.batch_size = len(plan)
+                else:
+                    decoded += 1
                 self._append_token(turn, token, now)
             except Exception as exc:  # noqa: BLE001 - fail this turn, the others in the step go on
                 self._finish(turn, "error", f"Could not pick the next token: {exc}")
+        return decoded
+
+    def _accept_draft(self, planned: PlannedSegment, picks: list[int], now: float) -> int:
+        """Keep the guesses the model agrees with, then its own pick after them; returns the tokens added.
+
+        ``picks[i]`` is the greedy token after ``planned.tokens[i]``: plain decoding would have produced
+        ``picks[0]``, then (if it equals the first guess) ``picks[1]``, and so on, so the reply is the same
+        token for token. Each token goes through ``_append_token`` as if decoded alone (stop, length,
+        cancel and time limits apply between any two), and the K/V of a fed token is committed just before
+        the token it produced, as plain decoding does; K/V written for rejected guesses lie beyond the
+        session's length and are overwritten by later steps.
+        """
+        turn = planned.turn
+        accepted = 0
+        while accepted < len(planned.draft) and picks[accepted] == planned.draft[accepted]:
+            accepted += 1
+        self.metrics.record_draft(len(planned.draft))
+        added = 0
+        for fed, token in zip(planned.tokens, picks[: accepted + 1]):
+            self.store.commit(turn.session_id, [fed], share=self._sharing)
+            self._append_token(turn, token, now)
+            added += 1
+            if turn.state is TurnState.FINISHED:
+                break
+        self.metrics.record_draft_accepted(min(added, accepted))
+        return added
 
     def _append_token(self, turn: Turn, token: int, now: float) -> None:
         turn.reply_ids.append(token)

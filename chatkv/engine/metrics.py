@@ -40,13 +40,23 @@ class EngineMetrics:
     queue_depth_sum: int = 0
     rejected_requests: int = 0
     last_ttft_ms: float = 0.0
+    drafted_tokens: int = 0  # speculative decoding: guessed tokens fed to be verified
+    accepted_draft_tokens: int = 0  # of which the model agreed with (and the reply kept) this many
     _steps: deque = field(default_factory=deque)
     _recent_turns: deque = field(default_factory=lambda: deque(maxlen=HIT_RATE_WINDOW_TURNS))
     decode_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
     _history_at: float = 0.0
 
-    def record_step(self, sessions: int, prefill_tokens: int, decode_tokens: int, seconds: float, queue_depth: int) -> None:
-        """One forward pass; its time is split between prefill and decode in proportion to their tokens."""
+    def record_step(
+        self, sessions: int, prefill_tokens: int, decode_tokens: int, seconds: float, queue_depth: int,
+        decode_generated: int | None = None,
+    ) -> None:
+        """One forward pass; its time is split between prefill and decode in proportion to the tokens fed.
+
+        ``decode_tokens`` counts the tokens decoding turns fed (last tokens and guesses), ``decode_generated``
+        the tokens they got out of it (more than one each where guesses were accepted, none where the turn
+        ended before sampling); the decode rate counts the latter. By default the two are the same.
+        """
         self.forward_passes += 1
         self.batched_sessions += sessions
         self.prefilled_tokens += prefill_tokens
@@ -54,9 +64,18 @@ class EngineMetrics:
         self.queue_depth_sum += queue_depth
         total = prefill_tokens + decode_tokens
         prefill_share = seconds * prefill_tokens / total if total else 0.0
+        generated = decode_tokens if decode_generated is None else decode_generated
         now = time.monotonic()
-        self._steps.append(_StepRecord(now, prefill_tokens, prefill_share, decode_tokens, seconds - prefill_share))
+        self._steps.append(_StepRecord(now, prefill_tokens, prefill_share, generated, seconds - prefill_share))
         self._trim(now)
+
+    def record_draft(self, drafted: int) -> None:
+        """Guessed tokens fed to a forward pass to be verified."""
+        self.drafted_tokens += drafted
+
+    def record_draft_accepted(self, accepted: int) -> None:
+        """Guessed tokens the model agreed with that became reply tokens."""
+        self.accepted_draft_tokens += accepted
 
     def record_generated(self, count: int) -> None:
         self.generated_tokens += count
@@ -111,6 +130,11 @@ class EngineMetrics:
     def hit_rate_window(self) -> float:
         prompt = sum(p for p, _ in self._recent_turns)
         return sum(r for _, r in self._recent_turns) / prompt if prompt else 0.0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        """Accepted guessed tokens / guessed tokens (0 before any guess)."""
+        return self.accepted_draft_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def avg_batch_size(self) -> float:

@@ -9,6 +9,9 @@ Policy, in short:
   few seconds), so one conversation on its own never pays the wait;
 - every step packs one token for each decoding turn (continuous batching: turns join and leave
   between steps) and up to ``prefill_chunk_tokens`` of prompt from turns still prefilling;
+- a greedy decoding turn may add tokens guessed from its own conversation (``draft_tokens``, prompt
+  lookup) after its last token, for the engine to verify in the same forward; guesses go only into steps
+  with few decode rows (``DRAFT_STEP_ROWS``), where verifying them costs about as much as one token;
 - ``prefill_only`` reproduces the seed design: prompts are prefilled together, but each turn then
   decodes alone, one session per forward pass, in turn.
 
@@ -18,17 +21,23 @@ The scheduler never touches the model or the KV tensors; the engine does.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chatkv.config import BatchingOptions
 from chatkv.engine.api import QueueFullError
 from chatkv.engine.turn import Turn, TurnState
+from chatkv.model.lean_llama import QUANT_MAX_ROWS
+
+# decode rows (last tokens and guesses, all sessions) a step may reach by adding guesses: up to here a
+# quantized linear stays on its packed kernel, whose cost barely grows with the rows
+DRAFT_STEP_ROWS = QUANT_MAX_ROWS
 
 
 @dataclass
 class PlannedSegment:
     turn: Turn
-    tokens: list[int]
+    tokens: list[int]  # a decoding turn: its last token, then the guessed ones (``draft``)
+    draft: list[int] = field(default_factory=list)
 
     @property
     def completes_prompt(self) -> bool:
@@ -37,13 +46,21 @@ class PlannedSegment:
             return True
         return self.turn.prefill_position + len(self.tokens) == self.turn.prompt_tokens
 
+    @property
+    def logits_rows(self) -> int:
+        """Rows of logits this segment needs: one per token it verifies (the guesses and the last token), else one."""
+        if self.draft:
+            return len(self.tokens)
+        return 1 if self.completes_prompt else 0
+
 
 COMPANY_WINDOW_SECONDS = 5.0  # another session's turn this recent suggests a burst from several tabs
 
 
 class Scheduler:
-    def __init__(self, options: BatchingOptions) -> None:
+    def __init__(self, options: BatchingOptions, draft_tokens: int = 0) -> None:
         self.options = options
+        self.draft_tokens = draft_tokens
         self.waiting: deque[Turn] = deque()
         self.running: list[Turn] = []
         self._decode_cursor = 0
@@ -109,10 +126,10 @@ class Scheduler:
         prefilling = [t for t in self.running if t.state is TurnState.PREFILLING]
         if self.options.prefill_only and not prefilling and decoding:
             self._decode_cursor = (self._decode_cursor + 1) % len(decoding)
-            return [PlannedSegment(decoding[self._decode_cursor], decoding[self._decode_cursor].pending_input())]
+            return self._with_drafts([decoding[self._decode_cursor]])
         plan: list[PlannedSegment] = []
         if not self.options.prefill_only:
-            plan.extend(PlannedSegment(turn, turn.pending_input()) for turn in decoding)
+            plan.extend(self._with_drafts(decoding))
         budget = max(1, self.options.prefill_chunk_tokens)
         for turn in prefilling:
             if budget <= 0:
@@ -121,6 +138,16 @@ class Scheduler:
             budget -= len(tokens)
             plan.append(PlannedSegment(turn, tokens))
         return plan
+
+    def _with_drafts(self, decoding: list[Turn]) -> list[PlannedSegment]:
+        """One segment per decoding turn; guesses added while the step's decode rows stay within DRAFT_STEP_ROWS."""
+        room = DRAFT_STEP_ROWS - len(decoding)
+        segments = []
+        for turn in decoding:
+            draft = turn.propose_draft(min(self.draft_tokens, room)) if room > 0 and self.draft_tokens else []
+            room -= len(draft)
+            segments.append(PlannedSegment(turn, turn.pending_input() + draft, draft))
+        return segments
 
     def remove(self, turn: Turn) -> None:
         if turn in self.running:

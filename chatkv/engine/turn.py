@@ -9,6 +9,7 @@ from enum import Enum
 import torch
 
 from chatkv.engine.detokenizer import IncrementalDetokenizer
+from chatkv.engine.drafter import NgramDrafter
 from chatkv.engine.api import FinishReason, ReusedFrom, Sampling, TurnHandle
 
 
@@ -38,6 +39,7 @@ class Turn:
     max_new_tokens: int = 0
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    drafter: NgramDrafter | None = None  # built on the first draft; greedy turns only
     # progress
     prefill_position: int = 0  # prompt tokens already in the session's KV
     reply_ids: list[int] = field(default_factory=list)
@@ -62,6 +64,21 @@ class Turn:
         if self.state is TurnState.PREFILLING:
             return self.prompt_ids[self.prefill_position:]
         return self.reply_ids[-1:]
+
+    def propose_draft(self, max_tokens: int) -> list[int]:
+        """Tokens guessed to follow the reply (prompt lookup), at most ``max_tokens``; none for sampled turns.
+
+        Exactness needs the greedy pick: a sampled turn would need rejection sampling to keep its distribution.
+        The guess never reaches past ``max_new_tokens`` (the token the verifying forward adds counts too),
+        so its K/V always fit in the room reserved at admission.
+        """
+        room = min(max_tokens, self.max_new_tokens - len(self.reply_ids) - 1)
+        if room <= 0 or not self.sampling.greedy or self.state is not TurnState.DECODING:
+            return []
+        if self.drafter is None:
+            self.drafter = NgramDrafter(self.prompt_ids)
+        self.drafter.extend(self.reply_ids[len(self.drafter.ids) - self.prompt_tokens :])
+        return self.drafter.propose(room)
 
     @property
     def ttft_ms(self) -> float:

@@ -5,6 +5,9 @@ PATH``, else ``PATH``, else the folder ``scripts/build_llama_cpp.sh`` builds int
 of 64 tokens (``-p 0 -n 64``) on the GGUF chatkv converted its default model from, with as many threads
 as chatkv's engine; then chatkv decodes a free-form reply, timed from its first streamed token to its last
 (the rate the App's token stream shows), and ``model.generate`` bf16 does the same reply, taking turns.
+Then a reply that quotes its context (a pasted paragraph and "repeat it word for word"), where speculative
+decoding's prompt-lookup guesses pay, is timed the same way with guessing on and off: tok/s, acceptance
+rate, and whether the two replies are token-identical.
 Without a binary the scenario still measures chatkv and ``generate`` and says llama.cpp was not found.
 """
 
@@ -22,11 +25,19 @@ from chatkv.bench.context import BenchContext
 from chatkv.bench.engine_turns import run_turn, running_engine
 from chatkv.bench.result import ScenarioResult, Table, fmt, times
 from chatkv.bench.stats import ratio
+from chatkv.config import SpeculativeOptions
 from chatkv.conversation import Message
 from chatkv.engine.threads import engine_threads
 from chatkv.model.source import find_default_gguf
 
 FREE_FORM_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+QUOTED_PARAGRAPH = (
+    "The lighthouse stood on a rock at the edge of the bay, and for forty years the same family kept its lamp "
+    "burning. Every evening the keeper climbed the one hundred and twelve steps, trimmed the wick, wound the "
+    "clockwork that turned the lens, and wrote the weather in a leather book. Ships that passed at night saw the "
+    "beam sweep the water every ten seconds and knew where the reef began."
+)
+QUOTE_PROMPT = QUOTED_PARAGRAPH + "\n\nRepeat the paragraph above word for word."
 LLAMA_BENCH_TOKENS = 64
 BUILD_FOLDER = Path.home() / ".cache" / "chatkv-build"  # where scripts/build_llama_cpp.sh installs
 
@@ -97,16 +108,64 @@ def run(ctx: BenchContext) -> ScenarioResult:
             generation = generate_with_cache(bundle, prompt_ids, tokens)
             if generation.new_tokens > 1:
                 generate_rates.append((generation.new_tokens - 1) / (generation.decode_ms / 1000))
+    quote = _quoting_reply(ctx, tokens)
     chatkv = {"decode_tok_s": _median(chatkv_rates), "decode_tok_s_rounds": chatkv_rates}
     generate = {"decode_tok_s": _median(generate_rates), "decode_tok_s_rounds": generate_rates,
                 "dtype": str(bundle.model.dtype).removeprefix("torch.")}
-    result.figures = {"chatkv": chatkv, "generate": generate, "llama_cpp": llama or {}}
+    result.parameters["draft_tokens"] = ctx.settings.speculative.draft_tokens
+    result.parameters["quote_prompt"] = QUOTE_PROMPT
+    result.figures = {"chatkv": chatkv, "generate": generate, "llama_cpp": llama or {}, "quote": quote}
     result.figures["comparison"] = {
         "chatkv_vs_generate": ratio(chatkv["decode_tok_s"], generate["decode_tok_s"]),
         "chatkv_vs_llama_cpp": ratio(chatkv["decode_tok_s"], llama["tg_tok_s"]) if llama else None,
+        "quote_vs_llama_cpp": ratio(quote["decode_tok_s"], llama["tg_tok_s"]) if llama else None,
+        "quote_no_draft_vs_llama_cpp": ratio(quote["no_draft"]["decode_tok_s"], llama["tg_tok_s"]) if llama else None,
+        "quote_draft_speedup": ratio(quote["decode_tok_s"], quote["no_draft"]["decode_tok_s"]),
     }
+    if not quote["identical_to_no_draft"]:
+        result.notes.append("quote: the replies with and without speculative decoding differ; they are token-identical "
+                            "in fp32, while bf16 and quantized kernels may round differently for different row counts")
     result.tables.append(_table(result.figures, bundle.fingerprint.dtype, threads))
     return result
+
+
+def _quoting_reply(ctx: BenchContext, tokens: int) -> dict[str, Any]:
+    """The reply that repeats a pasted paragraph, timed like the free-form one, with guessing on, then off.
+
+    Guessing on uses the configured ``draft_tokens`` (the default where the configuration turns it off).
+    """
+    draft_tokens = ctx.settings.speculative.draft_tokens or SpeculativeOptions().draft_tokens
+    runs: dict[int, dict[str, Any]] = {}
+    for k in (draft_tokens, 0):
+        settings = ctx.engine_settings()
+        settings.speculative.draft_tokens = k
+        rates: list[float] = []
+        with running_engine(ctx.bundle, settings) as engine:
+            run_turn(engine, "bench-quote-warmup", [Message("user", "Say hello.")], 2)
+            for round_number in range(ctx.sizes.limits_rounds):
+                ctx.progress(f"speed: chatkv repeating a paragraph, draft_tokens={k} "
+                             f"({round_number + 1}/{ctx.sizes.limits_rounds})")
+                turn, _ = run_turn(engine, f"bench-quote-{k}-{round_number}", [Message("user", QUOTE_PROMPT)], tokens)
+                if turn.new_tokens > 1:
+                    rates.append(turn.decode_tok_s)
+            stats = engine.stats()
+        runs[k] = {"decode_tok_s": _median(rates), "decode_tok_s_rounds": rates, "new_tokens": turn.new_tokens,
+                   "reply_ids": turn.reply_ids, "drafted_tokens": stats.drafted_tokens,
+                   "accepted_draft_tokens": stats.accepted_draft_tokens,
+                   "draft_acceptance_rate": stats.draft_acceptance_rate}
+    on, off = runs[draft_tokens], runs[0]
+    return {
+        "draft_tokens": draft_tokens,
+        "decode_tok_s": on["decode_tok_s"],
+        "decode_tok_s_rounds": on["decode_tok_s_rounds"],
+        "new_tokens": on["new_tokens"],
+        "drafted_tokens": on["drafted_tokens"],
+        "accepted_draft_tokens": on["accepted_draft_tokens"],
+        "draft_acceptance_rate": on["draft_acceptance_rate"],
+        "identical_to_no_draft": on["reply_ids"] == off["reply_ids"],
+        "no_draft": {"decode_tok_s": off["decode_tok_s"], "decode_tok_s_rounds": off["decode_tok_s_rounds"],
+                     "new_tokens": off["new_tokens"]},
+    }
 
 
 def _median(values: list[float]) -> float | None:
@@ -122,6 +181,12 @@ def _table(figures: dict[str, Any], weights: str, threads: int) -> Table:
     llama = figures["llama_cpp"]
     table.add(f"llama.cpp llama-bench tg{LLAMA_BENCH_TOKENS}", fmt(llama.get("tg_tok_s")) if llama else "not run",
               times(comparison["chatkv_vs_llama_cpp"]))
+    quote = figures["quote"]
+    same = "identical" if quote["identical_to_no_draft"] else "DIFFERENT"
+    table.add(f"chatkv quoting, draft_tokens={quote['draft_tokens']} (accepts {quote['draft_acceptance_rate']:.0%}, "
+              f"reply {same})", fmt(quote["decode_tok_s"]), times(comparison["quote_vs_llama_cpp"]))
+    table.add("chatkv quoting, no guesses", fmt(quote["no_draft"]["decode_tok_s"]),
+              times(comparison["quote_no_draft_vs_llama_cpp"]))
     return table
 
 

@@ -80,7 +80,17 @@ def decode_lines(stats: EngineStats) -> list[Line]:
     lines = [("decode", _live_rate(stats, stats.decode_tok_s))]
     if stats.threads:  # the local engine: how many threads compute, with which weights (a server does not say)
         lines.append(("engine", f"{format_quantity(stats.threads, 'thread')} · {stats.weights or NO_VALUE}"))
+        lines.append(("drafts", _draft_line(stats)))
     return lines
+
+
+def _draft_line(stats: EngineStats) -> str:
+    # speculative decoding: of the tokens guessed from the conversation, the share the model agreed with
+    if not stats.draft_tokens:
+        return "off"
+    if not stats.drafted_tokens:
+        return f"up to {stats.draft_tokens} · none yet"
+    return f"{stats.draft_acceptance_rate:.0%} of {format_count(stats.drafted_tokens)} accepted"
 
 
 def prefill_lines(stats: EngineStats) -> list[Line]:
