@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/attention_share.py [--sessions 16] [--dtype auto] [--new-tokens 64]
 
-Sixteen sessions (~120-token prompts) decode together; every forward pass in which all of them decode
-one token is timed, and so is every call of the engine's attention function inside it (on the CPU
+Sixteen sessions (~120-token prompts) decode together (speculative decoding off); every forward pass in
+which all of them decode one token is timed, and so is every call of the engine's attention function
+inside it (``attention.attend``, which the lean forward calls, or ``packed_attention`` in older checkouts) (on the CPU
 there is nothing asynchronous to wait for, so wall time is the cost). Prints one JSON line. It only
 uses the engine's public pieces (``Engine``, ``ModelRunner.forward``, the registered attention
 function), so the same script measures an older checkout put first on PYTHONPATH.
@@ -40,18 +41,23 @@ def main() -> None:
     settings.snapshot.enabled = False
     engine = Engine(bundle, settings)
 
+    if hasattr(settings, "speculative"):
+        settings.speculative.draft_tokens = 0  # every decode step feeds one token per session
     in_attention = [0.0]
-    packed_attention = attention.packed_attention
+    # the engine's attention: ``attend`` where the lean forward calls it, else ``packed_attention`` (older checkouts)
+    name = "attend" if hasattr(attention, "attend") else "packed_attention"
+    attend = getattr(attention, name)
 
     def timed_attention(*call_args, **kwargs):
         started = time.perf_counter()
         try:
-            return packed_attention(*call_args, **kwargs)
+            return attend(*call_args, **kwargs)
         finally:
             in_attention[0] += time.perf_counter() - started
 
-    AttentionInterface.register(attention.ATTENTION_NAME, timed_attention)  # the transformers modules
-    attention.packed_attention = timed_attention  # a forward of our own that calls it by name
+    if name == "packed_attention":
+        AttentionInterface.register(attention.ATTENTION_NAME, timed_attention)  # the transformers modules
+    setattr(attention, name, timed_attention)  # forwards that look it up by name
     steps: list[tuple[float, float]] = []
     forward = engine.runner.forward
 

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -176,10 +177,13 @@ inline __m512 exp_nonpositive(__m512 x) {
 // Ask for the 16 rows of keys (or values) of one KV head that start at ``first`` rows before they are
 // needed: blocks lie anywhere in the pool, so the hardware prefetcher cannot guess the next one.
 template <typename scalar_t>
-inline void prefetch_tile(const scalar_t* first, int64_t rows, int64_t slot_stride, int64_t row_bytes) {
+inline void prefetch_tile(const scalar_t* first, int64_t rows, int64_t slot_stride, int64_t row_bytes, int hint) {
   for (int64_t k = 0; k < rows; ++k) {
     const char* row = reinterpret_cast<const char*>(first + k * slot_stride);
-    for (int64_t line = 0; line < row_bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
+    for (int64_t line = 0; line < row_bytes; line += 64) {
+      if (hint == _MM_HINT_T0) _mm_prefetch(row + line, _MM_HINT_T0);
+      else _mm_prefetch(row + line, _MM_HINT_T1);
+    }
   }
 }
 
@@ -188,6 +192,12 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
                  const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
                  at::Tensor& output, int64_t block_size, double scale) {
   constexpr int64_t head_dim = VECTORS * 16;
+#if defined(__AVX512BF16__)
+  // bfloat16 keys and queries meet in AVX512-BF16 dot products (no widening of the keys)
+  constexpr bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && VECTORS % 2 == 0;
+#else
+  constexpr bool bf16_dot = false;
+#endif
   const int64_t sequences = block_tables.size(0);
   const int64_t table_width = block_tables.size(1);
   const int64_t heads = query.size(1);
@@ -204,6 +214,7 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
   const __m512 scale_v = _mm512_set1_ps(static_cast<float>(scale));
 
   at::parallel_for(0, sequences * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;  // [GROUPS, length rounded up to 16]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sequence = task / kv_heads, kv_head = task % kv_heads;
       const int64_t length = lengths[sequence];
@@ -215,39 +226,56 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
         return (table[first / block_size] * block_size + first % block_size) * slot_stride + head_offset;
       };
       __m512 q[GROUPS][VECTORS], sums[GROUPS][VECTORS], products[GROUPS][16];
-      float peaks[GROUPS], totals[GROUPS];
+#if defined(__AVX512BF16__)
+      __m512bh q_bh[GROUPS][VECTORS / 2 > 0 ? VECTORS / 2 : 1];
+#endif
       for (int g = 0; g < GROUPS; ++g) {
         const scalar_t* row = query_data + query_row * query_row_stride + (kv_head * GROUPS + g) * query_head_stride;
         for (int v = 0; v < VECTORS; ++v) {
           q[g][v] = _mm512_mul_ps(load16(row + 16 * v), scale_v);
           sums[g][v] = _mm512_setzero_ps();
         }
-        peaks[g] = -std::numeric_limits<float>::infinity();
-        totals[g] = 0.0f;
+#if defined(__AVX512BF16__)
+        if constexpr (bf16_dot) {
+          for (int v = 0; v < VECTORS / 2; ++v) q_bh[g][v] = (__m512bh)_mm512_loadu_si512(row + 32 * v);
+        }
+#endif
       }
+      const int64_t padded = (length + 15) / 16 * 16;
+      scores.resize(GROUPS * padded);
+      const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512 peaks[GROUPS];
+      for (int g = 0; g < GROUPS; ++g) peaks[g] = minus_infinity;
       for (int64_t ahead = 0; ahead < std::min<int64_t>(32, length); ahead += 16) {
-        const int64_t start = tile_start(ahead), rows_ahead = std::min<int64_t>(16, length - ahead);
-        prefetch_tile(key_data + start, rows_ahead, slot_stride, row_bytes);
-        prefetch_tile(value_data + start, rows_ahead, slot_stride, row_bytes);
+        prefetch_tile(key_data + tile_start(ahead), std::min<int64_t>(16, length - ahead), slot_stride, row_bytes, _MM_HINT_T0);
       }
-      // one pass, 16 keys at a time, with a running softmax (online softmax): each key and value row is
-      // read once, for all the query heads that share this KV head
+      // 1. scores, 16 keys at a time; each key row is read once for all the query heads of this KV head
       for (int64_t first = 0; first < length; first += 16) {
         const int64_t count = std::min<int64_t>(16, length - first);
         if (first + 32 < length) {  // two tiles ahead
-          const int64_t start = tile_start(first + 32), rows_ahead = std::min<int64_t>(16, length - first - 32);
-          prefetch_tile(key_data + start, rows_ahead, slot_stride, row_bytes);
-          prefetch_tile(value_data + start, rows_ahead, slot_stride, row_bytes);
+          prefetch_tile(key_data + tile_start(first + 32), std::min<int64_t>(16, length - first - 32), slot_stride, row_bytes, _MM_HINT_T0);
         }
         const int64_t start = tile_start(first);
+        prefetch_tile(value_data + start, count, slot_stride, row_bytes, _MM_HINT_T1);  // for step 3
         const scalar_t* keys = key_data + start;
-        const scalar_t* values = value_data + start;
         for (int64_t k = 0; k < 16; ++k) {
           if (k >= count) {
             for (int g = 0; g < GROUPS; ++g) products[g][k] = _mm512_setzero_ps();
             continue;
           }
           const scalar_t* key = keys + k * slot_stride;
+#if defined(__AVX512BF16__)
+          if constexpr (bf16_dot) {  // bfloat16 pairs multiplied exactly and summed in float32, 32 at a time
+            __m512bh key_bh[VECTORS / 2];
+            for (int v = 0; v < VECTORS / 2; ++v) key_bh[v] = (__m512bh)_mm512_loadu_si512(key + 32 * v);
+            for (int g = 0; g < GROUPS; ++g) {
+              __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), q_bh[g][0], key_bh[0]);
+              for (int v = 1; v < VECTORS / 2; ++v) acc = _mm512_dpbf16_ps(acc, q_bh[g][v], key_bh[v]);
+              products[g][k] = acc;
+            }
+            continue;
+          }
+#endif
           __m512 key_v[VECTORS];
           for (int v = 0; v < VECTORS; ++v) key_v[v] = load16(key + 16 * v);
           for (int g = 0; g < GROUPS; ++g) {
@@ -257,32 +285,50 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
           }
         }
         const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
-        alignas(64) float weights[GROUPS][16];
         for (int g = 0; g < GROUPS; ++g) {
-          const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid,
-                                                   sum_each(products[g]));
-          const float peak = std::max(peaks[g], _mm512_reduce_max_ps(scores));
-          const float rescale = std::exp(peaks[g] - peak);  // 0 on the first tile (peaks start at -inf)
-          const __m512 exps = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(peak))));
-          _mm512_store_ps(weights[g], exps);
-          totals[g] = totals[g] * rescale + _mm512_reduce_add_ps(exps);
-          peaks[g] = peak;
-          const __m512 rescale_v = _mm512_set1_ps(rescale);
-          for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_mul_ps(sums[g][v], rescale_v);
+          // (bfloat16 dot products leave the scale for here; the float path folded it into q)
+          const __m512 dots = bf16_dot ? _mm512_mul_ps(sum_each(products[g]), scale_v) : sum_each(products[g]);
+          const __m512 tile = _mm512_mask_mov_ps(minus_infinity, valid, dots);
+          _mm512_storeu_ps(scores.data() + g * padded + first, tile);
+          peaks[g] = _mm512_max_ps(peaks[g], tile);
         }
+      }
+      // 2. softmax numerators in place; the division by their total waits for the output
+      float inverse_totals[GROUPS];
+      for (int g = 0; g < GROUPS; ++g) {
+        const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(peaks[g]));
+        float* s = scores.data() + g * padded;
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t t = 0; t < padded; t += 16) {
+          const __m512 tile = _mm512_loadu_ps(s + t);
+          // masked lanes (-inf) give exactly 0, not the polynomial's e^-87
+          const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(tile, minus_infinity, _CMP_NEQ_OQ),
+                                               exp_nonpositive(_mm512_sub_ps(tile, peak)));
+          _mm512_storeu_ps(s + t, e);
+          total = _mm512_add_ps(total, e);
+        }
+        inverse_totals[g] = 1.0f / _mm512_reduce_add_ps(total);
+      }
+      // 3. weighted sums of the value rows, each read once for all the query heads
+      for (int64_t first = 0; first < length; first += 16) {
+        const int64_t count = std::min<int64_t>(16, length - first);
+        if (first + 16 < length) {
+          prefetch_tile(value_data + tile_start(first + 16), std::min<int64_t>(16, length - first - 16), slot_stride, row_bytes, _MM_HINT_T0);
+        }
+        const scalar_t* values = value_data + tile_start(first);
         for (int64_t k = 0; k < count; ++k) {
           const scalar_t* value = values + k * slot_stride;
           __m512 value_v[VECTORS];
           for (int v = 0; v < VECTORS; ++v) value_v[v] = load16(value + 16 * v);
           for (int g = 0; g < GROUPS; ++g) {
-            const __m512 weight = _mm512_set1_ps(weights[g][k]);
+            const __m512 weight = _mm512_set1_ps(scores[g * padded + first + k]);
             for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_fmadd_ps(weight, value_v[v], sums[g][v]);
           }
         }
       }
       for (int g = 0; g < GROUPS; ++g) {
         alignas(64) float out[head_dim];
-        const __m512 inverse = _mm512_set1_ps(1.0f / totals[g]);
+        const __m512 inverse = _mm512_set1_ps(inverse_totals[g]);
         for (int v = 0; v < VECTORS; ++v) _mm512_store_ps(out + 16 * v, _mm512_mul_ps(sums[g][v], inverse));
         store_row(out, output_data + (query_row * heads + kv_head * GROUPS + g) * head_dim, head_dim);
       }
