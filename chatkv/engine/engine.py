@@ -37,7 +37,6 @@ from chatkv.engine.detokenizer import IncrementalDetokenizer
 from chatkv.engine.kv_store import KvBudgetError, KvStore, SessionKv
 from chatkv.engine.metrics import EngineMetrics
 from chatkv.engine.prompt import ChatRenderer
-from chatkv.engine.paged_kernel import unavailable_reason
 from chatkv.engine.runner import ModelRunner
 from chatkv.engine.sampler import make_generator, next_token, recent_ids
 from chatkv.engine.scheduler import PlannedSegment, Scheduler
@@ -83,8 +82,9 @@ class Engine:
         self.eos_ids = eos_token_ids(bundle)
         self.renderer = ChatRenderer(bundle.tokenizer, self.eos_ids)
         self.runner = ModelRunner(bundle, progress=self._log)
-        if self.runner.decode_kernel is None and unavailable_reason():
-            self._log(f"decode attention falls back to gather + SDPA: {unavailable_reason()}")
+        if self.runner.decode_kernel is None and bundle.device.type == "cpu":
+            self._log(f"attention runs on plain torch operations (same replies, slower with many tabs): "
+                      f"{self.runner.decode_kernel_missing}")
         self._sharing = self.kv_options.enabled and self.kv_options.share_prefixes
         self.threads = engine_threads(self.settings.model.threads)
         self.context_limit = min(self.kv_options.max_tokens_per_session, bundle.max_context)

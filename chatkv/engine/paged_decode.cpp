@@ -1,11 +1,16 @@
-// Decode attention read straight from the paged KV pool, for the CPU.
+// Decode attention read straight from the paged KV pool, for CPUs with AVX-512.
 //
 // One query token per sequence attends over that sequence's cached keys and values, found through its
 // block table; nothing is gathered into a padded copy first. Work is split over (sequence, KV head)
 // pairs; each pair reads its keys and values once, for all the query heads that share that KV head
-// (grouped-query attention). Scores, softmax and sums are float32 whatever the pool's dtype.
+// (grouped-query attention), with those queries and the value sums held in registers. Scores, softmax
+// and sums are float32 whatever the pool's dtype; the scores of 16 keys are reduced together (one
+// transpose-and-add tree instead of 16 horizontal sums) and the softmax uses a polynomial exp
+// (relative error ~2e-7).
 //
-// Registered as torch.ops.chatkv.paged_decode_attention; built on first use by
+// Shapes it serves (paged_decode_supported says which): head_dim 16, 32, 64 or 128; 1 to 8 query heads
+// per KV head; blocks of a multiple of 16 tokens; float32 or bfloat16. Anything else is attended by the
+// engine's gather + SDPA path. Registered as torch.ops.chatkv.*; built on first use by
 // chatkv/engine/paged_kernel.py.
 
 #include <ATen/Parallel.h>
@@ -13,125 +18,34 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <cmath>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-#include <cstdint>
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
-inline void load_row(const float* source, float* target, int64_t n) { std::memcpy(target, source, n * sizeof(float)); }
-
-inline void load_row(const c10::BFloat16* source, float* target, int64_t n) {
-  // bfloat16 is the top half of a float32: a shift, which the compiler vectorizes
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(source);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t widened = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(target + i, &widened, sizeof(float));
-  }
+bool supported(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size) {
+#if defined(__AVX512F__)
+  const bool head_size = head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+  return head_size && kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= 8 && block_size % 16 == 0;
+#else
+  return false;  // built without AVX-512: the engine keeps its gather + SDPA path
+#endif
 }
 
+#if defined(__AVX512F__)
 inline void store_row(const float* source, float* target, int64_t n) { std::memcpy(target, source, n * sizeof(float)); }
 
 inline void store_row(const float* source, c10::BFloat16* target, int64_t n) {
   for (int64_t i = 0; i < n; ++i) target[i] = c10::BFloat16(source[i]);  // round to nearest even
 }
-
-// HEAD_DIM > 0 fixes the head size at compile time (the common sizes), so the inner loops unroll and
-// vectorize fully; 0 takes it from the tensors.
-template <typename scalar_t, int64_t HEAD_DIM>
-void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-            const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
-            at::Tensor& output, int64_t block_size, double scale) {
-  const int64_t sequences = block_tables.size(0);
-  const int64_t table_width = block_tables.size(1);
-  const int64_t heads = query.size(1);
-  const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : query.size(2);
-  const int64_t kv_heads = key_cache.size(1);
-  const int64_t groups = heads / kv_heads;
-  const int64_t query_row_stride = query.stride(0), query_head_stride = query.stride(1);
-  const int64_t slot_stride = kv_heads * head_dim;
-  const scalar_t* query_data = query.data_ptr<scalar_t>();
-  const scalar_t* key_data = key_cache.data_ptr<scalar_t>();
-  const scalar_t* value_data = value_cache.data_ptr<scalar_t>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lengths = context_lens.data_ptr<int64_t>();
-  const int64_t* rows = query_rows.data_ptr<int64_t>();
-  scalar_t* output_data = output.data_ptr<scalar_t>();
-  const float scale_f = static_cast<float>(scale);
-
-  at::parallel_for(0, sequences * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> queries(groups * head_dim), sums(groups * head_dim), row(head_dim), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t sequence = task / kv_heads, kv_head = task % kv_heads;
-      const int64_t length = lengths[sequence];
-      const int64_t* table = tables + sequence * table_width;
-      const int64_t query_row = rows[sequence];
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t head = kv_head * groups + g;
-        float* q = queries.data() + g * head_dim;
-        load_row(query_data + query_row * query_row_stride + head * query_head_stride, q, head_dim);
-        for (int64_t d = 0; d < head_dim; ++d) q[d] *= scale_f;
-      }
-      scores.resize(groups * length);
-      // scores[g, t] = q_g . k_t, block by block; each key row is read once for all the group's query heads
-      for (int64_t first = 0, block = 0; first < length; first += block_size, ++block) {
-        const scalar_t* keys = key_data + table[block] * block_size * slot_stride + kv_head * head_dim;
-        const int64_t count = std::min(block_size, length - first);
-        for (int64_t offset = 0; offset < count; ++offset) {
-          load_row(keys + offset * slot_stride, row.data(), head_dim);
-          for (int64_t g = 0; g < groups; ++g) {
-            const float* q = queries.data() + g * head_dim;
-            float dot = 0.0f;
-            for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * row[d];
-            scores[g * length + first + offset] = dot;
-          }
-        }
-      }
-      for (int64_t g = 0; g < groups; ++g) {  // softmax over t, in place
-        float* s = scores.data() + g * length;
-        float peak = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < length; ++t) peak = std::max(peak, s[t]);
-        float total = 0.0f;
-        for (int64_t t = 0; t < length; ++t) {
-          s[t] = std::exp(s[t] - peak);
-          total += s[t];
-        }
-        const float inverse = 1.0f / total;
-        for (int64_t t = 0; t < length; ++t) s[t] *= inverse;
-      }
-      std::fill(sums.begin(), sums.end(), 0.0f);
-      for (int64_t first = 0, block = 0; first < length; first += block_size, ++block) {
-        const scalar_t* values = value_data + table[block] * block_size * slot_stride + kv_head * head_dim;
-        const int64_t count = std::min(block_size, length - first);
-        for (int64_t offset = 0; offset < count; ++offset) {
-          load_row(values + offset * slot_stride, row.data(), head_dim);
-          for (int64_t g = 0; g < groups; ++g) {
-            const float weight = scores[g * length + first + offset];
-            float* acc = sums.data() + g * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) acc[d] += weight * row[d];
-          }
-        }
-      }
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t head = kv_head * groups + g;
-        store_row(sums.data() + g * head_dim, output_data + (query_row * heads + head) * head_dim, head_dim);
-      }
-    }
-  });
-}
-
-#if defined(__AVX512F__)
-// The AVX-512 path: a task's query heads stay in registers while each key and value row is read once.
-// Scores of 16 keys are reduced together (one transpose-and-add tree instead of 16 horizontal sums),
-// the softmax runs online over blocks with a polynomial exp (relative error ~2e-7), and the value sums
-// stay in registers.
 
 inline __m512 load16(const float* source) { return _mm512_loadu_ps(source); }
 
@@ -337,40 +251,31 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
 }
 
 template <typename scalar_t, int VECTORS>
-bool attend_simd_groups(int64_t groups, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+void attend_simd_groups(int64_t groups, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
                         at::Tensor& output, int64_t block_size, double scale) {
 #define CHATKV_GROUPS(G) \
-  case G: attend_simd<scalar_t, G, VECTORS>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return true;
+  case G: attend_simd<scalar_t, G, VECTORS>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
   switch (groups) {
     CHATKV_GROUPS(1) CHATKV_GROUPS(2) CHATKV_GROUPS(3) CHATKV_GROUPS(4) CHATKV_GROUPS(5) CHATKV_GROUPS(6) CHATKV_GROUPS(7) CHATKV_GROUPS(8)
-    default: return false;
+    default: TORCH_CHECK(false, "unsupported query heads per KV head: ", groups);
   }
 #undef CHATKV_GROUPS
 }
-#endif
 
 template <typename scalar_t>
-void attend_any_head_dim(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                         const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
-                         at::Tensor& output, int64_t block_size, double scale) {
-#if defined(__AVX512F__)
+void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+            const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
+            at::Tensor& output, int64_t block_size, double scale) {
   const int64_t groups = query.size(1) / key_cache.size(1);
-  if (block_size % 16 == 0) {  // the vectorized path reads 16 keys at a time from one block
-#define CHATKV_SIMD(DIM, VECTORS)                                                                                      \
-  if (query.size(2) == DIM && attend_simd_groups<scalar_t, VECTORS>(groups, query, key_cache, value_cache, block_tables, \
-                                                                    context_lens, query_rows, output, block_size, scale)) \
-    return;
-    CHATKV_SIMD(16, 1) CHATKV_SIMD(32, 2) CHATKV_SIMD(64, 4) CHATKV_SIMD(128, 8)
-#undef CHATKV_SIMD
-  }
-#endif
   switch (query.size(2)) {
-    case 64: return attend<scalar_t, 64>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
-    case 128: return attend<scalar_t, 128>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
-    default: return attend<scalar_t, 0>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
+    case 16: attend_simd_groups<scalar_t, 1>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
+    case 32: attend_simd_groups<scalar_t, 2>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
+    case 64: attend_simd_groups<scalar_t, 4>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
+    default: attend_simd_groups<scalar_t, 8>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
   }
 }
+#endif
 
 // query [T, heads, head_dim] (any strides within a row: the packed step's transposed view);
 // key_cache, value_cache [slots, kv_heads, head_dim] contiguous; block_tables int64 [n, width];
@@ -388,14 +293,21 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
                   query_rows.scalar_type() == at::kLong && block_tables.is_contiguous(),
               "block tables, lengths and rows must be contiguous int64");
-  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(supported(query.size(1), key_cache.size(1), query.size(2), block_size),
+              "paged_decode_attention does not serve these shapes (see paged_decode_supported)");
+#if defined(__AVX512F__)
   if (query.scalar_type() == at::kFloat) {
-    attend_any_head_dim<float>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
+    attend<float>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
   } else if (query.scalar_type() == at::kBFloat16) {
-    attend_any_head_dim<c10::BFloat16>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
+    attend<c10::BFloat16>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
   } else {
     TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, not ", query.scalar_type());
   }
+#endif
+}
+
+bool paged_decode_supported(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size) {
+  return supported(heads, kv_heads, head_dim, block_size);
 }
 
 }  // namespace
@@ -403,6 +315,7 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
 TORCH_LIBRARY(chatkv, m) {
   m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor context_lens, Tensor query_rows, Tensor(a!) output, int block_size, float scale) -> ()");
+  m.def("paged_decode_supported(int heads, int kv_heads, int head_dim, int block_size) -> bool", paged_decode_supported);
 }
 
 TORCH_LIBRARY_IMPL(chatkv, CPU, m) { m.impl("paged_decode_attention", paged_decode_attention); }

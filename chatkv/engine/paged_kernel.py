@@ -7,9 +7,10 @@ through the block table. It is compiled with torch's own C++ extension builder (
 ninja on PATH), into torch's extension cache, the first time an engine starts on a CPU; later starts
 load the built library in well under a second.
 
-Where it cannot be built (no compiler, another platform) or ``CHATKV_DECODE_KERNEL=off`` is set,
-``decode_kernel()`` returns None and attention falls back to gather + SDPA, which gives the same
-tokens (both compute in float32 where it matters) but runs slower.
+Where it cannot be built (no compiler, another platform), does not serve the model's shape or the CPU
+(it is written for AVX-512; ``decode_kernel_for`` says), or ``CHATKV_DECODE_KERNEL=off`` is set,
+attention falls back to gather + SDPA, which gives the same tokens (both compute in float32 where it
+matters) but runs slower.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable
 import torch
 
 SOURCE = Path(__file__).with_name("paged_decode.cpp")
+NAME = "chatkv_paged_decode"
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "op": the loaded op or None, "error": why it is None
 
@@ -38,6 +40,18 @@ def decode_kernel(progress: Callable[[str], None] | None = None):
         return _state["op"]
 
 
+def decode_kernel_for(heads: int, kv_heads: int, head_dim: int, block_size: int,
+                      progress: Callable[[str], None] | None = None) -> tuple[Callable | None, str | None]:
+    """The kernel if it serves a model of this shape on this CPU, else None and the reason. Never raises."""
+    op = decode_kernel(progress)
+    if op is None:
+        return None, unavailable_reason()
+    if not torch.ops.chatkv.paged_decode_supported(heads, kv_heads, head_dim, block_size):
+        return None, (f"the CPU attention kernel needs AVX-512, head_dim 16/32/64/128 and at most 8 query heads per "
+                      f"KV head (this model: {heads} heads, {kv_heads} KV heads, head_dim {head_dim})")
+    return op, None
+
+
 def unavailable_reason() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
@@ -48,14 +62,15 @@ def _load(progress: Callable[[str], None]):
     try:
         from torch.utils import cpp_extension
 
-        flags = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"]
+        flags = ["-O3", "-march=native"]
         if platform.machine() in ("x86_64", "AMD64"):
             # gcc 12 may emit AMX tile instructions for -march=native that this CPU family faults on
             flags += ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
         flags += ["-fopenmp"] if platform.system() == "Linux" else []
-        progress("Preparing the CPU attention kernel (compiled once per machine, a few seconds)…")
+        if _needs_build(cpp_extension):
+            progress("compiling the CPU attention kernel (once per machine, a few seconds)…")
         cpp_extension.load(
-            name="chatkv_paged_decode",
+            name=NAME,
             sources=[str(SOURCE)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"] if platform.system() == "Linux" else [],
@@ -65,3 +80,12 @@ def _load(progress: Callable[[str], None]):
         return torch.ops.chatkv.paged_decode_attention, None
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the fallback
         return None, f"could not build the CPU attention kernel ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+
+def _needs_build(cpp_extension) -> bool:
+    """Whether ``load`` will compile (no library yet, or an older one): only then is it worth telling the user."""
+    try:
+        built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
+        return not built.exists() or built.stat().st_mtime < SOURCE.stat().st_mtime
+    except Exception:  # noqa: BLE001 - a private torch helper; if it moves, say nothing rather than fail
+        return False

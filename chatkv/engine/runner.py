@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chatkv.engine.attention import PackedStep, Segment, use_packed_attention
 from chatkv.engine.kv_store import BLOCK_SIZE, KvLayout
-from chatkv.engine.paged_kernel import decode_kernel
+from chatkv.engine.paged_kernel import decode_kernel_for
 from chatkv.model.loader import ModelBundle
 
 # Chosen explicitly: left to itself, torch on CUDA may pick cuDNN attention, which builds a new plan for
@@ -41,8 +41,14 @@ class ModelRunner:
         exact_float32_matmuls(self.device, self.dtype)
         self.layout = kv_layout_of(bundle.model.config)
         self.block_size = block_size
-        # the CPU decode kernel, or None (CUDA, no compiler): attention then gathers and calls SDPA
-        self.decode_kernel = decode_kernel(progress) if torch.device(self.device).type == "cpu" else None
+        # the CPU decode kernel, or None (CUDA, no compiler, a shape it does not serve): attention then
+        # gathers and calls SDPA; why not is in decode_kernel_missing
+        self.decode_kernel, self.decode_kernel_missing = None, "not used on this device"
+        if torch.device(self.device).type == "cpu":
+            config = bundle.model.config
+            self.decode_kernel, self.decode_kernel_missing = decode_kernel_for(
+                config.num_attention_heads, self.layout.kv_heads, self.layout.head_dim, block_size, progress
+            )
         self.tokens_fed = 0  # every token that went through the model: tests check reuse against it
 
     def forward(
