@@ -4,7 +4,9 @@ llama.cpp is the speed anchor for one chat on a CPU. When a ``llama-bench`` bina
 PATH``, else ``PATH``, else the folder ``scripts/build_llama_cpp.sh`` builds into), it runs text generation
 of 64 tokens (``-p 0 -n 64``) on the GGUF chatkv converted its default model from, with as many threads
 as chatkv's engine; then chatkv decodes a free-form reply, timed from its first streamed token to its last
-(the rate the App's token stream shows), and ``model.generate`` bf16 does the same reply, taking turns.
+(the engine's token stream), and ``model.generate`` bf16 does the same reply, taking turns; then the same
+reply is timed through the App itself (headless chatkv in a child process, ``chatkv.bench.app_stream``),
+the rate a user sees.
 Then a reply that quotes its context (a pasted paragraph and "repeat it word for word"), where speculative
 decoding's prompt-lookup guesses pay, is timed the same way with guessing on and off: tok/s, acceptance
 rate, and whether the two replies are token-identical.
@@ -20,6 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from chatkv.bench.app_stream import AppStreamError, app_decode_rates
 from chatkv.bench.baselines import generate_with_cache, render_prompt
 from chatkv.bench.context import BenchContext
 from chatkv.bench.engine_turns import run_turn, running_engine
@@ -110,12 +113,16 @@ def run(ctx: BenchContext) -> ScenarioResult:
                 generate_rates.append((generation.new_tokens - 1) / (generation.decode_ms / 1000))
     quote = _quoting_reply(ctx, tokens)
     chatkv = {"decode_tok_s": _median(chatkv_rates), "decode_tok_s_rounds": chatkv_rates}
+    app = _through_the_app(ctx, tokens, threads, result)
     generate = {"decode_tok_s": _median(generate_rates), "decode_tok_s_rounds": generate_rates,
                 "dtype": str(bundle.model.dtype).removeprefix("torch.")}
     result.parameters["draft_tokens"] = ctx.settings.speculative.draft_tokens
     result.parameters["quote_prompt"] = QUOTE_PROMPT
-    result.figures = {"chatkv": chatkv, "generate": generate, "llama_cpp": llama or {}, "quote": quote}
+    result.figures = {"chatkv": chatkv, "generate": generate, "llama_cpp": llama or {}, "quote": quote,
+                      "chatkv_app": app}
     result.figures["comparison"] = {
+        "chatkv_app_vs_generate": ratio(app["decode_tok_s"], generate["decode_tok_s"]),
+        "chatkv_app_vs_llama_cpp": ratio(app["decode_tok_s"], llama["tg_tok_s"]) if llama else None,
         "chatkv_vs_generate": ratio(chatkv["decode_tok_s"], generate["decode_tok_s"]),
         "chatkv_vs_llama_cpp": ratio(chatkv["decode_tok_s"], llama["tg_tok_s"]) if llama else None,
         "quote_vs_llama_cpp": ratio(quote["decode_tok_s"], llama["tg_tok_s"]) if llama else None,
@@ -127,6 +134,21 @@ def run(ctx: BenchContext) -> ScenarioResult:
                             "in fp32, while bf16 and quantized kernels may round differently for different row counts")
     result.tables.append(_table(result.figures, bundle.fingerprint.dtype, threads))
     return result
+
+
+def _through_the_app(ctx: BenchContext, tokens: int, threads: int, result: ScenarioResult) -> dict[str, Any]:
+    """The free-form reply timed through the App's token stream (headless chatkv in a child process), same settings."""
+    ctx.progress(f"speed: the same reply through the App (headless chatkv), {ctx.sizes.limits_rounds} rounds")
+    options = ["--model", ctx.model_spec, "--dtype", str(ctx.bundle.dtype).removeprefix("torch."),
+               "--quant", ctx.settings.model.quant, "--threads", str(threads),
+               "--draft-tokens", str(ctx.settings.speculative.draft_tokens)]
+    try:
+        rates = app_decode_rates(ctx.models_dir, FREE_FORM_PROMPT, tokens, ctx.sizes.limits_rounds, options)
+    except (AppStreamError, OSError) as exc:
+        result.notes.append(f"the App's token stream was not timed: {exc}")
+        rates = []
+    return {"decode_tok_s": _median(rates), "decode_tok_s_rounds": rates, "command": "chatkv launch --headless "
+            "--ephemeral --stream " + " ".join(options)}
 
 
 def _quoting_reply(ctx: BenchContext, tokens: int) -> dict[str, Any]:
@@ -175,12 +197,14 @@ def _median(values: list[float]) -> float | None:
 def _table(figures: dict[str, Any], weights: str, threads: int) -> Table:
     comparison = figures["comparison"]
     table = Table(f"speed: one stream decoding ({_threads(threads)})", ["system", "tok/s", "chatkv is"])
-    table.add(f"chatkv ({weights})", fmt(figures["chatkv"]["decode_tok_s"]), "")
+    table.add(f"chatkv ({weights}), engine's token stream", fmt(figures["chatkv"]["decode_tok_s"]), "")
+    table.add("chatkv through the App (headless), same reply", fmt(figures["chatkv_app"]["decode_tok_s"]), "")
     table.add(f"model.generate ({figures['generate']['dtype']})", fmt(figures["generate"]["decode_tok_s"]),
-              times(comparison["chatkv_vs_generate"]))
+              f"{times(comparison['chatkv_vs_generate'])} (App {times(comparison['chatkv_app_vs_generate'])})")
     llama = figures["llama_cpp"]
     table.add(f"llama.cpp llama-bench tg{LLAMA_BENCH_TOKENS}", fmt(llama.get("tg_tok_s")) if llama else "not run",
-              times(comparison["chatkv_vs_llama_cpp"]))
+              f"{times(comparison['chatkv_vs_llama_cpp'])} (App {times(comparison['chatkv_app_vs_llama_cpp'])})"
+              if llama else "")
     quote = figures["quote"]
     same = "identical" if quote["identical_to_no_draft"] else "DIFFERENT"
     table.add(f"chatkv quoting, draft_tokens={quote['draft_tokens']} (accepts {quote['draft_acceptance_rate']:.0%}, "

@@ -1,0 +1,74 @@
+"""A reply timed the way a user sees it: through the App's token stream, in a chatkv child process.
+
+The child is ``chatkv launch --headless --ephemeral --stream``: the same App, tabs and engine as the
+terminal UI, with no terminal. It reads a script that warms up on one tab, then sends the prompt once
+per round, each time to a new tab, and prints a ``token`` event per streamed fragment. Each event is
+timestamped here as its line arrives; a round's rate is (events - 1) / (last - first), the same
+first-to-last definition as the engine's own figure, so the two differ only by what the App adds
+(its event loop, Markdown streaming, the GIL it shares with the engine thread).
+
+The child gets a data folder of its own (so it never meets the user's chatkv or its lock) whose model
+cache is the bench's, so nothing is fetched, converted or quantized again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TIMEOUT_SECONDS = 600
+
+
+class AppStreamError(RuntimeError):
+    """The child chatkv did not produce a timed reply; the message says what it printed."""
+
+
+def app_decode_rates(models_dir: Path, prompt: str, max_new_tokens: int, rounds: int, options: list[str]) -> list[float]:
+    """Token events per second of each round's reply as the App streams it (rounds with fewer than 2 events are left out).
+
+    ``options``: command-line options for the child (``--quant``, ``--threads``, ``--draft-tokens``, ``--dtype``).
+    Raises ``AppStreamError`` if the child fails or times out.
+    """
+    script = [{"op": "open", "tab": "warmup"},
+              {"op": "send", "tab": "warmup", "text": "Say hello.", "max_new_tokens": 2, "temperature": 0},
+              {"op": "wait"}]
+    for round_number in range(rounds):
+        tab = f"round-{round_number}"
+        script += [{"op": "open", "tab": tab},
+                   {"op": "send", "tab": tab, "text": prompt, "max_new_tokens": max_new_tokens, "temperature": 0},
+                   {"op": "wait"}]
+    script.append({"op": "quit"})
+    with tempfile.TemporaryDirectory(prefix="chatkv-bench-app-") as home:
+        cache = Path(home) / "cache"
+        cache.mkdir()
+        (cache / "models").symlink_to(Path(models_dir).resolve(), target_is_directory=True)
+        command = [sys.executable, "-m", "chatkv", "launch", "--headless", "--ephemeral", "--stream", "--script", "-",
+                   *options]
+        environment = {**os.environ, "CHATKV_HOME": home}
+        arrivals: dict[str, list[float]] = {}
+        with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=environment) as child:
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write("".join(json.dumps(op) + "\n" for op in script))
+            child.stdin.close()
+            deadline = time.monotonic() + TIMEOUT_SECONDS
+            for line in child.stdout:
+                now = time.perf_counter()
+                event = json.loads(line)
+                if event.get("event") == "token" and str(event.get("tab", "")).startswith("round-"):
+                    arrivals.setdefault(event["tab"], []).append(now)
+                elif event.get("event") == "error":
+                    child.kill()
+                    raise AppStreamError(f"chatkv reported an error: {event.get('message')}")
+                if time.monotonic() > deadline:
+                    child.kill()
+                    raise AppStreamError(f"chatkv did not finish within {TIMEOUT_SECONDS} s")
+            stderr = child.stderr.read() if child.stderr else ""
+            if child.wait() != 0:
+                raise AppStreamError(f"chatkv exited with status {child.returncode}: {stderr.strip()[-500:]}")
+    return [(len(times) - 1) / (times[-1] - times[0]) for times in arrivals.values() if len(times) > 1]
