@@ -1,23 +1,26 @@
-"""Packed attention over the paged KV pool: every session of a step in one SDPA call per layer.
+"""Packed attention over the paged KV pool: every session of a step in one call per layer.
 
 Every engine step packs the new tokens of all scheduled sessions into one ``[1, T]`` input. The
-linear layers run once over all of them; attention, registered with transformers'
-``AttentionInterface`` and reached through the stock Llama modules (or any forward that passes a
-module with ``layer_idx`` and ``chatkv_step``), does, per layer:
+linear layers run once over all of them; attention (``attend``: called by the lean Llama forward, and
+through ``packed_attention``, registered with transformers' ``AttentionInterface``, by the stock
+modules) does, per layer:
 
-1. write the step's keys and values (RoPE already applied) into their pool slots, one ``index_copy_``;
+1. write the step's keys and values (RoPE already applied) into their pool slots, one ``index_copy_``
+   each;
 2. decode tokens (one query per session), on the CPU: one call of the paged decode kernel
    (``paged_decode.cpp``), which reads each session's keys and values in place through its block
    table;
-3. prefill chunks (and decode tokens where the kernel is not available: CUDA, no compiler): gather
-   each session's blocks of keys and values through its block table into a padded batch (one
-   ``index_select`` over whole blocks, about as fast as a plain copy; indexing single slots is
-   several times slower on the CPU) and run ``scaled_dot_product_attention`` once for the whole
-   batch, with an additive mask that hides the padding and keeps prefill causal. Decode rows and
-   prefill chunks are padded separately, so a step that mixes both does not pad every decode row
-   to the longest chunk. Every index and mask is built once per step (``PackedStep.build``), on the model's device, so
-the layers run without a host round trip. Query heads that share a KV head are folded into that
-head's rows, which needs no GQA expansion of the keys.
+3. prefill chunks (and decode tokens where the kernel is not available: CUDA, no compiler, a shape
+   it does not serve): gather each session's blocks of keys and values through its block table into
+   a padded batch (one ``index_select`` over whole blocks, about as fast as a plain copy; indexing
+   single slots is several times slower on the CPU) and run ``scaled_dot_product_attention`` once
+   for the whole batch, with an additive mask that hides the padding and keeps prefill causal.
+   Decode rows and prefill chunks are padded separately, so a step that mixes both does not pad
+   every decode row to the longest chunk.
+
+Every index and mask is built once per step (``PackedStep.build``), on the model's device, so the
+layers run without a host round trip. Query heads that share a KV head are folded into that head's
+rows, which needs no GQA expansion of the keys.
 
 Calls that do not come from the engine (``model.generate``, the reference, the bench's baselines)
 carry no ``PackedStep`` and go to transformers' own SDPA attention with its own masks, so the same
