@@ -4,10 +4,10 @@
 
 Sixteen sessions (~120-token prompts) decode together (speculative decoding off); every forward pass in
 which all of them decode one token is timed, and so is every call of the engine's attention function
-inside it (``attention.attend``, which the lean forward calls, or ``packed_attention`` in older checkouts) (on the CPU
-there is nothing asynchronous to wait for, so wall time is the cost). Prints one JSON line. It only
-uses the engine's public pieces (``Engine``, ``ModelRunner.forward``, the registered attention
-function), so the same script measures an older checkout put first on PYTHONPATH.
+inside it: ``attention.attend``, or ``packed_attention`` in older checkouts. On the CPU there is nothing
+asynchronous to wait for, so wall time is the cost. Prints one JSON line. It only uses the engine's
+public pieces (``Engine``, ``ModelRunner.forward``, the attention functions), so the same script
+measures an older checkout put first on PYTHONPATH (its own thread policy applies).
 """
 
 from __future__ import annotations
