@@ -96,3 +96,19 @@ def test_step_gives_decode_rows_to_the_kernel_and_falls_back_without_it(kernel):
     assert with_kernel.decode_rows.context_lens.tolist() == [21]
     without = PackedStep.build(kv, [decode, prefill], BLOCK, torch.float32, None)
     assert without.decode_rows is None and len(without.batches) == 2
+
+
+def test_a_built_step_leaves_no_reference_to_its_pool_behind():
+    """The store replaces its pool when it grows; nothing the steps built may keep the old one in memory."""
+    import gc
+    import weakref
+
+    from chatkv.engine.attention import PackedStep, Segment
+
+    pool = torch.zeros(2, 2, 4 * BLOCK, 2, 16)
+    step = PackedStep.build(pool, [Segment([0, 1], start=0, length=1, past=20)], BLOCK, torch.float32, decode_kernel())
+    assert step.layer_caches[1][1].data_ptr() == pool[1, 1].data_ptr()
+    alive = weakref.ref(pool)
+    del pool, step
+    gc.collect()
+    assert alive() is None

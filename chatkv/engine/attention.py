@@ -94,7 +94,7 @@ class PackedStep:
     segments: list[Segment]
     decode_rows: DecodeRows | None = None
     decode_kernel: Callable | None = None
-    layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer: key, value views
+    layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer: key, value views of kv
 
     @classmethod
     def build(
@@ -120,12 +120,12 @@ class PackedStep:
 
 
 def _layer_caches(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(kv[layer, 0], kv[layer, 1])`` for every layer, made once per pool and kept on it (a grown pool is a new tensor)."""
-    views = getattr(kv, "_chatkv_layer_caches", None)
-    if views is None:
-        views = [(kv[layer, 0], kv[layer, 1]) for layer in range(kv.shape[0])]
-        kv._chatkv_layer_caches = views
-    return views
+    """``(kv[layer, 0], kv[layer, 1])`` for every layer, from one ``unbind`` per step.
+
+    Made per step rather than kept: views held on the pool would keep a grown-out-of pool alive.
+    """
+    caches = kv.view(kv.shape[0] * 2, *kv.shape[2:]).unbind(0)
+    return list(zip(caches[0::2], caches[1::2]))
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
