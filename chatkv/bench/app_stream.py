@@ -1,7 +1,7 @@
 """A reply timed the way a user sees it: through the App's token stream, in a chatkv child process.
 
 The child is ``chatkv launch --headless --ephemeral --stream``: the same App, tabs and engine as the
-terminal UI, with no terminal. It reads a script that warms up on one tab, then sends the prompt once
+terminal UI, with no terminal. It reads a script that warms up on one tab, then sends each prompt once
 per round, each time to a new tab, and prints a ``token`` event per streamed fragment. Each event is
 timestamped here as its line arrives; a round's rate is (events - 1) / (last - first), the same
 first-to-last definition as the engine's own figure, so the two differ only by what the App adds
@@ -28,20 +28,23 @@ class AppStreamError(RuntimeError):
     """The child chatkv did not produce a timed reply; the message says what it printed."""
 
 
-def app_decode_rates(models_dir: Path, prompt: str, max_new_tokens: int, rounds: int, options: list[str]) -> list[float]:
-    """Token events per second of each round's reply as the App streams it (rounds with fewer than 2 events are left out).
+def app_decode_rates(models_dir: Path, prompts: dict[str, str], max_new_tokens: int, rounds: int,
+                     options: list[str]) -> dict[str, list[float]]:
+    """Token events per second of each round's reply to each prompt (by name) as the App streams it.
 
-    ``options``: command-line options for the child (``--quant``, ``--threads``, ``--draft-tokens``, ``--dtype``).
-    Raises ``AppStreamError`` if the child fails or times out.
+    The prompts take turns, round by round, each reply in a new tab; rounds with fewer than 2 token
+    events are left out. ``options``: command-line options for the child (``--quant``, ``--threads``,
+    ``--draft-tokens``, ``--dtype``, ``--model``). Raises ``AppStreamError`` if the child fails or times out.
     """
     script = [{"op": "open", "tab": "warmup"},
               {"op": "send", "tab": "warmup", "text": "Say hello.", "max_new_tokens": 2, "temperature": 0},
               {"op": "wait"}]
     for round_number in range(rounds):
-        tab = f"round-{round_number}"
-        script += [{"op": "open", "tab": tab},
-                   {"op": "send", "tab": tab, "text": prompt, "max_new_tokens": max_new_tokens, "temperature": 0},
-                   {"op": "wait"}]
+        for name, prompt in prompts.items():
+            tab = f"round-{round_number}-{name}"
+            script += [{"op": "open", "tab": tab},
+                       {"op": "send", "tab": tab, "text": prompt, "max_new_tokens": max_new_tokens, "temperature": 0},
+                       {"op": "wait"}]
     script.append({"op": "quit"})
     with tempfile.TemporaryDirectory(prefix="chatkv-bench-app-") as home:
         cache = Path(home) / "cache"
@@ -71,4 +74,8 @@ def app_decode_rates(models_dir: Path, prompt: str, max_new_tokens: int, rounds:
             stderr = child.stderr.read() if child.stderr else ""
             if child.wait() != 0:
                 raise AppStreamError(f"chatkv exited with status {child.returncode}: {stderr.strip()[-500:]}")
-    return [(len(times) - 1) / (times[-1] - times[0]) for times in arrivals.values() if len(times) > 1]
+    rates: dict[str, list[float]] = {name: [] for name in prompts}
+    for tab, times in arrivals.items():
+        if len(times) > 1:
+            rates[tab.split("-", 2)[2]].append((len(times) - 1) / (times[-1] - times[0]))
+    return rates

@@ -123,6 +123,7 @@ def run(ctx: BenchContext) -> ScenarioResult:
     result.figures["comparison"] = {
         "chatkv_app_vs_generate": ratio(app["decode_tok_s"], generate["decode_tok_s"]),
         "chatkv_app_vs_llama_cpp": ratio(app["decode_tok_s"], llama["tg_tok_s"]) if llama else None,
+        "quote_app_vs_llama_cpp": ratio(app["quote_decode_tok_s"], llama["tg_tok_s"]) if llama else None,
         "chatkv_vs_generate": ratio(chatkv["decode_tok_s"], generate["decode_tok_s"]),
         "chatkv_vs_llama_cpp": ratio(chatkv["decode_tok_s"], llama["tg_tok_s"]) if llama else None,
         "quote_vs_llama_cpp": ratio(quote["decode_tok_s"], llama["tg_tok_s"]) if llama else None,
@@ -137,18 +138,21 @@ def run(ctx: BenchContext) -> ScenarioResult:
 
 
 def _through_the_app(ctx: BenchContext, tokens: int, threads: int, result: ScenarioResult) -> dict[str, Any]:
-    """The free-form reply timed through the App's token stream (headless chatkv in a child process), same settings."""
-    ctx.progress(f"speed: the same reply through the App (headless chatkv), {ctx.sizes.limits_rounds} rounds")
+    """The free-form and the quoting reply timed through the App's token stream (headless chatkv in a child
+    process, same model, weights, threads and ``draft_tokens``), taking turns."""
+    ctx.progress(f"speed: both replies through the App (headless chatkv), {ctx.sizes.limits_rounds} rounds")
     options = ["--model", ctx.model_spec, "--dtype", str(ctx.bundle.dtype).removeprefix("torch."),
                "--quant", ctx.settings.model.quant, "--threads", str(threads),
                "--draft-tokens", str(ctx.settings.speculative.draft_tokens)]
     try:
-        rates = app_decode_rates(ctx.models_dir, FREE_FORM_PROMPT, tokens, ctx.sizes.limits_rounds, options)
+        rates = app_decode_rates(ctx.models_dir, {"free-form": FREE_FORM_PROMPT, "quote": QUOTE_PROMPT}, tokens,
+                                 ctx.sizes.limits_rounds, options)
     except (AppStreamError, OSError) as exc:
         result.notes.append(f"the App's token stream was not timed: {exc}")
-        rates = []
-    return {"decode_tok_s": _median(rates), "decode_tok_s_rounds": rates, "command": "chatkv launch --headless "
-            "--ephemeral --stream " + " ".join(options)}
+        rates = {"free-form": [], "quote": []}
+    return {"decode_tok_s": _median(rates["free-form"]), "decode_tok_s_rounds": rates["free-form"],
+            "quote_decode_tok_s": _median(rates["quote"]), "quote_decode_tok_s_rounds": rates["quote"],
+            "command": "chatkv launch --headless --ephemeral --stream " + " ".join(options)}
 
 
 def _quoting_reply(ctx: BenchContext, tokens: int) -> dict[str, Any]:
@@ -211,6 +215,8 @@ def _table(figures: dict[str, Any], weights: str, threads: int) -> Table:
               f"reply {same})", fmt(quote["decode_tok_s"]), times(comparison["quote_vs_llama_cpp"]))
     table.add("chatkv quoting, no guesses", fmt(quote["no_draft"]["decode_tok_s"]),
               times(comparison["quote_no_draft_vs_llama_cpp"]))
+    table.add(f"chatkv quoting through the App, draft_tokens={quote['draft_tokens']}",
+              fmt(figures["chatkv_app"]["quote_decode_tok_s"]), times(comparison["quote_app_vs_llama_cpp"]))
     return table
 
 
