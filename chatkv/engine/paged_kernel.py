@@ -83,9 +83,11 @@ def _load(progress: Callable[[str], None]):
 
 
 def _needs_build(cpp_extension) -> bool:
-    """Whether ``load`` will compile (no library yet, or an older one): only then is it worth telling the user."""
+    """Whether no library was built yet on this machine: only then is the first start worth a note to the user.
+
+    (After an upgrade that changes the source, torch rebuilds it without a note: a few seconds once.)
+    """
     try:
-        built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
-        return not built.exists() or built.stat().st_mtime < SOURCE.stat().st_mtime
+        return not (Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists()
     except Exception:  # noqa: BLE001 - a private torch helper; if it moves, say nothing rather than fail
         return False
