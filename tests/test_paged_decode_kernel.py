@@ -83,6 +83,11 @@ def test_kernel_refuses_what_it_cannot_read(kernel):
     with pytest.raises(RuntimeError, match="contiguous"):
         strided = torch.zeros(BLOCK, 2, 64)[:, :1]  # one head of a two-head cache: not contiguous
         kernel(query, strided, cache, torch.zeros(1, 1, dtype=torch.long), one, one - 1, query, BLOCK, 0.125)
+    table = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="beyond its block table"):  # 17 keys, one 16-token block
+        kernel(query, cache, cache, table, one * 17, one - 1, query.clone(), BLOCK, 0.125)
+    with pytest.raises(RuntimeError, match="outside the query"):
+        kernel(query, cache, cache, table, one, one, query.clone(), BLOCK, 0.125)
 
 
 def test_step_gives_decode_rows_to_the_kernel_and_falls_back_without_it(kernel):

@@ -72,7 +72,8 @@ inline __m512 sum_each(__m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(first, second, 0x88), _mm512_shuffle_f32x4(first, second, 0xDD));
 }
 
-// e^x for x <= 0 (scores minus their maximum); -inf gives 0
+// e^x for x <= 0 (scores minus their maximum); below -87 (and -inf) it gives e^-87, about 1e-38, so callers
+// mask the lanes that must be exactly 0
 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
@@ -295,6 +296,15 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
               "block tables, lengths and rows must be contiguous int64");
   TORCH_CHECK(supported(query.size(1), key_cache.size(1), query.size(2), block_size),
               "paged_decode_attention does not serve these shapes (see paged_decode_supported)");
+  TORCH_CHECK(context_lens.numel() == block_tables.size(0) && query_rows.numel() == block_tables.size(0),
+              "one length and one query row per block table");
+  const int64_t* lengths = context_lens.data_ptr<int64_t>();
+  const int64_t* rows = query_rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < block_tables.size(0); ++i) {  // every read stays inside the tables, the rows inside query
+    TORCH_CHECK(lengths[i] >= 1 && lengths[i] <= block_tables.size(1) * block_size, "sequence ", i,
+                " attends over ", lengths[i], " keys, beyond its block table");
+    TORCH_CHECK(rows[i] >= 0 && rows[i] < query.size(0), "query row ", rows[i], " is outside the query");
+  }
 #if defined(__AVX512F__)
   if (query.scalar_type() == at::kFloat) {
     attend<float>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
