@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,28 +55,41 @@ def app_decode_rates(models_dir: Path, prompts: dict[str, str], max_new_tokens: 
                    *options]
         environment = {**os.environ, "CHATKV_HOME": home}
         arrivals: dict[str, list[float]] = {}
-        with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=environment) as child:
+        log = Path(home) / "stderr.txt"  # a file, not a pipe nobody reads while the child runs
+        with log.open("w") as stderr, subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                       stderr=stderr, text=True, env=environment) as child:
             assert child.stdin is not None and child.stdout is not None
-            child.stdin.write("".join(json.dumps(op) + "\n" for op in script))
-            child.stdin.close()
-            deadline = time.monotonic() + TIMEOUT_SECONDS
-            for line in child.stdout:
-                now = time.perf_counter()
-                event = json.loads(line)
-                if event.get("event") == "token" and str(event.get("tab", "")).startswith("round-"):
-                    arrivals.setdefault(event["tab"], []).append(now)
-                elif event.get("event") == "error":
-                    child.kill()
-                    raise AppStreamError(f"chatkv reported an error: {event.get('message')}")
-                if time.monotonic() > deadline:
-                    child.kill()
-                    raise AppStreamError(f"chatkv did not finish within {TIMEOUT_SECONDS} s")
-            stderr = child.stderr.read() if child.stderr else ""
+            watchdog = threading.Timer(TIMEOUT_SECONDS, child.kill)  # a silent, hung child ends the read below
+            watchdog.start()
+            try:
+                child.stdin.write("".join(json.dumps(op) + "\n" for op in script))
+                child.stdin.close()
+                error = _read_events(child.stdout, arrivals)
+            finally:
+                watchdog.cancel()
+            if error is not None:
+                child.kill()
+                raise AppStreamError(f"chatkv reported an error: {error}")
             if child.wait() != 0:
-                raise AppStreamError(f"chatkv exited with status {child.returncode}: {stderr.strip()[-500:]}")
+                raise AppStreamError(f"chatkv exited with status {child.returncode} (killed after "
+                                     f"{TIMEOUT_SECONDS} s if negative): {log.read_text().strip()[-500:]}")
     rates: dict[str, list[float]] = {name: [] for name in prompts}
     for tab, times in arrivals.items():
         if len(times) > 1:
             rates[tab.split("-", 2)[2]].append((len(times) - 1) / (times[-1] - times[0]))
     return rates
+
+
+def _read_events(lines, arrivals: dict[str, list[float]]) -> str | None:
+    """Timestamp each round's token events as they arrive; the message of the first error event, if any."""
+    for line in lines:
+        now = time.perf_counter()
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # not an event (a library's stray print)
+        if event.get("event") == "token" and str(event.get("tab", "")).startswith("round-"):
+            arrivals.setdefault(event["tab"], []).append(now)
+        elif event.get("event") == "error":
+            return str(event.get("message"))
+    return None
