@@ -131,13 +131,18 @@ def _layer_caches(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _decode_rows(segments: list[Segment], block_size: int) -> DecodeRows:
-    seen = [-(-(s.past + 1) // block_size) for s in segments]
+def _padded_block_tables(segments: list[Segment], block_size: int) -> torch.Tensor:
+    """int64 ``[len(segments), widest]``: the blocks each segment attends over (past and new tokens), padded with 0."""
+    seen = [-(-(s.past + s.length) // block_size) for s in segments]
     tables = torch.zeros(len(segments), max(seen), dtype=torch.long)
     for row, segment in enumerate(segments):
         tables[row, : seen[row]] = torch.tensor(segment.block_table[: seen[row]], dtype=torch.long)
+    return tables
+
+
+def _decode_rows(segments: list[Segment], block_size: int) -> DecodeRows:
     return DecodeRows(
-        block_tables=tables,
+        block_tables=_padded_block_tables(segments, block_size),
         context_lens=torch.tensor([s.past + 1 for s in segments], dtype=torch.long),
         query_rows=torch.tensor([s.start for s in segments], dtype=torch.long),
     )
@@ -149,12 +154,8 @@ def _batch(segments: list[Segment], block_size: int, mask_dtype: torch.dtype, de
     pasts = torch.tensor([s.past for s in segments])
     starts = torch.tensor([s.start for s in segments])
     q = int(lengths.max())
-    seen = [-(-(s.past + s.length) // block_size) for s in segments]  # blocks each row attends over
-    widest = max(seen)
-    tables = torch.zeros(b, widest, dtype=torch.long)
-    for row, segment in enumerate(segments):
-        tables[row, : seen[row]] = torch.tensor(segment.block_table[: seen[row]], dtype=torch.long)
-    k = widest * block_size
+    tables = _padded_block_tables(segments, block_size)
+    k = tables.shape[1] * block_size
     query_positions = torch.arange(q)
     clamped = torch.minimum(query_positions.unsqueeze(0), (lengths - 1).unsqueeze(1))  # [b, q]
     key_positions = torch.arange(k)
