@@ -1,3 +1,4 @@
 from chatkv.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when multiprocessing imports it in the engine's child process
+    raise SystemExit(main())

@@ -75,6 +75,7 @@ class ModelOptions:
     device: str = "auto"
     threads: int = 0  # 0: chatkv's thread policy (chatkv.threads)
     quant: str = "auto"  # auto | none | int8 | int4 weights (auto: int4 in bf16 on CPU, none in fp32)
+    engine_process: bool = True  # the engine in a child process, so drawing the UI never slows decoding
 
 
 # Used where neither config.toml nor the model's generation config sets a value: SmolLM2's model card samples

@@ -53,7 +53,17 @@ def find_model(settings: Settings, paths: Paths, progress: Log) -> Path:
 
 
 def start_engine(settings: Settings, paths: Paths, models_dir: Path, progress: Log, engine_log: Log):
-    """Import torch, load the model, start the engine (``chatkv.engine.Engine``); raises ``ModelError``."""
+    """The running engine: in a child process (``EngineProcess``) unless ``[model] engine_process`` is off,
+    then in this one (``load_engine``). Raises ``ModelError`` with a message for the user."""
+    if settings.model.engine_process:
+        from chatkv.engine.process import EngineProcess
+
+        return EngineProcess(settings, paths, models_dir, progress, engine_log).start()
+    return load_engine(settings, paths, models_dir, progress, engine_log)
+
+
+def load_engine(settings: Settings, paths: Paths, models_dir: Path, progress: Log, engine_log: Log):
+    """Import torch, load the model, start the engine (``chatkv.engine.Engine``) in this process; raises ``ModelError``."""
     model = settings.model
     progress(f"loading {model.model}…")
     import torch

@@ -58,7 +58,7 @@ def folder_contents(home: Path) -> dict[str, bytes]:
 # Each launch restarts on what the previous kill left, so every restart is also checked: it must resume
 # the conversation (and its KV from disk) with nothing repaired by hand.
 
-# In the child: block inside os.replace for one chosen file until killed. CHATKV_TEST_BLOCK is
+# In chatkv and its engine process: block inside os.replace for one chosen file until killed. CHATKV_TEST_BLOCK is
 # "<file name>:<when>": "replies=N" blocks the write of a conversation holding N replies,
 # "again" blocks a write that replaces an existing file.
 BLOCK_PRELUDE = textwrap.dedent("""
@@ -77,7 +77,8 @@ BLOCK_PRELUDE = textwrap.dedent("""
 
     def _replace(src, dst, *args, **kwargs):
         if _chosen(src, dst):
-            print("chatkv-test: blocked", file=sys.stderr, flush=True)
+            with open(os.environ["CHATKV_TEST_SIGNALS"], "a") as signals:
+                signals.write("chatkv-test: blocked\\n")
             threading.Event().wait()
         return _real_replace(src, dst, *args, **kwargs)
 
@@ -129,7 +130,7 @@ def crash_story(tmp_path_factory, smollm2_dir: Path):
         child.send(op="send", tab="a", text=QUESTION_A3, max_new_tokens=6)
         story["a3"] = child.turn("a")
         child.send(op="send", tab="a", text=QUESTION_A4, max_new_tokens=6)
-        child.expect_stderr("chatkv-test: blocked")
+        child.expect_signal("chatkv-test: blocked")
         child.kill()
     finally:
         child.close()
@@ -144,7 +145,7 @@ def crash_story(tmp_path_factory, smollm2_dir: Path):
         child.send(op="send", tab="a", text=QUESTION_A5, max_new_tokens=6)
         story["a5"] = child.turn("a")
         child.send(op="snapshot")
-        child.expect_stderr("chatkv-test: blocked")
+        child.expect_signal("chatkv-test: blocked")
         child.kill()
     finally:
         child.close()

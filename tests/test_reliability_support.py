@@ -12,9 +12,11 @@ import dataclasses
 import io
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,27 +33,31 @@ from chatkv.store import ConversationStore
 CHATKV = Path(sys.executable).with_name("chatkv")
 EVENT_TIMEOUT = 120.0
 
-# Run chatkv's own entry point after the caller's patches; argv[1:] are chatkv's arguments.
-RUN_CLI = "\nimport sys as _sys\nfrom chatkv.cli import main as _main\n_sys.exit(_main(_sys.argv[1:]))\n"
-
 
 class HeadlessChild:
     """``chatkv launch --headless --script -`` on the real model, driven line by line through stdin.
 
-    ``prelude``: Python run in the child before chatkv starts (fault injection); then the child is
-    ``python -c prelude+RUN_CLI`` instead of the installed console script.
+    ``prelude``: Python run before chatkv starts (fault injection), in chatkv and in its engine process
+    alike: it becomes a ``sitecustomize`` module on their ``PYTHONPATH``. A prelude that wants to say
+    where it stands writes to ``$CHATKV_TEST_SIGNALS`` (``expect_signal`` reads it): the engine
+    process's stderr goes to its log, not here.
     """
 
     def __init__(self, data_dir: Path, model_dir: Path, *flags: str, prelude: str | None = None,
                  env: dict[str, str] | None = None, umask: int | None = None) -> None:
         arguments = ["launch", "--headless", "--script", "-", "--data-dir", str(data_dir), "--model", str(model_dir),
                      "--dtype", "float32", "--temperature", "0", "--stream", "--trace", *flags]
-        command = [sys.executable, "-c", prelude + RUN_CLI, *arguments] if prelude else [str(CHATKV), *arguments]
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         child_env.pop("CHATKV_HOME", None)
+        self.signals = Path(tempfile.mkdtemp(prefix="chatkv-prelude-")) / "signals.txt"
+        if prelude:
+            (self.signals.parent / "sitecustomize.py").write_text(prelude)
+            child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.signals.parent), child_env.get("PYTHONPATH")]))
+            child_env["CHATKV_TEST_SIGNALS"] = str(self.signals)
+        # a process group of its own, so kill() takes chatkv's engine process with it
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env,
-            preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
+            [str(CHATKV), *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=child_env, preexec_fn=(lambda: os.umask(umask)) if umask is not None else None, start_new_session=True,
         )
         self.events: list[dict[str, Any]] = []
         self._unclaimed: list[dict[str, Any]] = []  # read, but not yet returned by expect()
@@ -121,9 +127,19 @@ class HeadlessChild:
             if text in line:
                 return line
 
+    def expect_signal(self, text: str, timeout: float = EVENT_TIMEOUT) -> None:
+        """Wait until the prelude (in chatkv or its engine process) has written ``text`` to ``$CHATKV_TEST_SIGNALS``."""
+        deadline = time.monotonic() + timeout
+        while not (self.signals.exists() and text in self.signals.read_text()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} was never signalled; stderr ends {self.stderr_lines[-5:]}")
+            if self.process.poll() is not None:
+                raise AssertionError(f"chatkv ended before signalling {text!r}: {self.stderr_lines[-5:]}")
+            time.sleep(0.05)
+
     def kill(self) -> None:
-        """kill -9: no handler, no cleanup, no flush."""
-        self.process.send_signal(signal.SIGKILL)
+        """kill -9 of chatkv and its engine process: no handler, no cleanup, no flush."""
+        os.killpg(self.process.pid, signal.SIGKILL)
         assert self.process.wait(timeout=30) == -signal.SIGKILL
 
     def finish(self, timeout: float = EVENT_TIMEOUT) -> int:
@@ -137,8 +153,9 @@ class HeadlessChild:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+        shutil.rmtree(self.signals.parent, ignore_errors=True)
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             try:
                 stream.close()

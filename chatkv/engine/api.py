@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
 
@@ -192,11 +192,15 @@ class TurnHandle:
     """One submitted turn: stream its tokens (``async for``), await its result, or block on it.
 
     The engine thread calls ``_push``/``_finish``; consumers may live on an asyncio loop or in a plain thread.
+    ``listener``, if given, is called on the engine thread with every token event and, last, the result
+    (``chatkv.engine.process`` forwards them to the app's process that way).
     """
 
-    def __init__(self, session_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(self, session_id: str, loop: asyncio.AbstractEventLoop | None,
+                 listener: Callable[[TokenEvent | TurnResult], None] | None = None) -> None:
         self.session_id = session_id
         self._loop = loop
+        self._listener = listener
         self._queue: asyncio.Queue[TokenEvent | TurnResult] | None = asyncio.Queue() if loop else None
         self._done = threading.Event()
         self._result: TurnResult | None = None
@@ -213,6 +217,8 @@ class TurnHandle:
         self._deliver(result)
 
     def _deliver(self, item: TokenEvent | TurnResult) -> None:
+        if self._listener is not None:
+            self._listener(item)
         if self._loop is None or self._queue is None:
             return
         try:

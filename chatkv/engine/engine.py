@@ -137,8 +137,12 @@ class Engine:
         self.close()
 
     # public API --------------------------------------------------------------------------------
-    def submit(self, session_id: str, messages: list[Message], sampling: Sampling | None = None) -> TurnHandle:
-        """Queue a turn: ``messages`` is the whole conversation ending with the new user message."""
+    def submit(self, session_id: str, messages: list[Message], sampling: Sampling | None = None,
+               listener: Callable[[TokenEvent | TurnResult], None] | None = None) -> TurnHandle:
+        """Queue a turn: ``messages`` is the whole conversation ending with the new user message.
+
+        ``listener`` is called on the engine thread with each token event and then the result (see ``TurnHandle``).
+        """
         sampling = check_turn_request(session_id, messages, sampling)
         reserve = min(sampling.max_new_tokens, self.context_limit // 2)
         rendered = self.renderer.fit(messages, self.context_limit - reserve)
@@ -146,7 +150,7 @@ class Engine:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        handle = TurnHandle(session_id, loop)
+        handle = TurnHandle(session_id, loop, listener)
         turn = Turn(session_id, rendered.ids, sampling, handle, dropped_messages=rendered.dropped_messages)
         with self._wakeup:
             if self._stopping:
