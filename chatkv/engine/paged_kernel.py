@@ -1,43 +1,31 @@
-"""The CPU decode-attention kernel (``paged_decode.cpp``): built once per machine, loaded on demand.
+"""When the engine attends decode tokens with the paged decode kernel (``chatkv/kernels/paged_decode.cpp``).
 
 Decode attention over the paged pool is mostly reading keys and values. Gathering each session's
 blocks into a padded batch and calling SDPA reads them three times (gather, write, attend) and pays
 SDPA's per-batch overhead on tiny queries; the kernel reads each key and value once, in place,
-through the block table. It is compiled with torch's own C++ extension builder (a C++ compiler and
-ninja on PATH), into torch's extension cache, the first time an engine starts on a CPU; later starts
-load the built library in well under a second.
+through the block table.
 
-Where it cannot be built (no compiler, another platform), does not serve the model's shape or the CPU
-(it is written for AVX-512; ``decode_kernel_for`` says), or ``CHATKV_DECODE_KERNEL=off`` is set,
+Where the kernels cannot be built (``chatkv.kernels``), the kernel does not serve the model's shape or
+the CPU (it is written for AVX-512; ``decode_kernel_for`` says), or ``CHATKV_DECODE_KERNEL=off`` is set,
 attention falls back to gather + SDPA, which gives the same tokens (both compute in float32 where it
 matters) but runs slower.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import threading
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-SOURCE = Path(__file__).with_name("paged_decode.cpp")
-NAME = "chatkv_paged_decode"
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "op": the loaded op or None, "error": why it is None
+from chatkv import kernels
 
 
 def decode_kernel(progress: Callable[[str], None] | None = None):
-    """``torch.ops.chatkv.paged_decode_attention``, building it first if needed; None where it is unavailable.
+    """``torch.ops.chatkv.paged_decode_attention``, building the kernels first if needed; None where unavailable.
 
     The reason it is unavailable, if any, is in ``unavailable_reason()``. Never raises.
     """
-    with _lock:
-        if "op" not in _state:
-            _state["op"], _state["error"] = _load(progress or (lambda message: None))
-        return _state["op"]
+    return None if kernels.load(progress) else torch.ops.chatkv.paged_decode_attention
 
 
 def decode_kernel_for(heads: int, kv_heads: int, head_dim: int, block_size: int,
@@ -53,41 +41,4 @@ def decode_kernel_for(heads: int, kv_heads: int, head_dim: int, block_size: int,
 
 
 def unavailable_reason() -> str | None:
-    return _state.get("error")  # type: ignore[return-value]
-
-
-def _load(progress: Callable[[str], None]):
-    if os.environ.get("CHATKV_DECODE_KERNEL", "").lower() in ("0", "off", "false", "no"):
-        return None, "turned off by CHATKV_DECODE_KERNEL"
-    try:
-        from torch.utils import cpp_extension
-
-        flags = ["-O3", "-march=native"]
-        if platform.machine() in ("x86_64", "AMD64"):
-            # gcc 12 may emit AMX tile instructions for -march=native that this CPU family faults on
-            flags += ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
-        flags += ["-fopenmp"] if platform.system() == "Linux" else []
-        if _needs_build(cpp_extension):
-            progress("compiling the CPU attention kernel (once per machine, a few seconds)…")
-        cpp_extension.load(
-            name=NAME,
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"] if platform.system() == "Linux" else [],
-            is_python_module=False,
-            verbose=False,
-        )
-        return torch.ops.chatkv.paged_decode_attention, None
-    except Exception as exc:  # noqa: BLE001 - any build or load failure means: use the fallback
-        return None, f"could not build the CPU attention kernel ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-
-
-def _needs_build(cpp_extension) -> bool:
-    """Whether no library was built yet on this machine: only then is the first start worth a note to the user.
-
-    (After an upgrade that changes the source, torch rebuilds it without a note: a few seconds once.)
-    """
-    try:
-        return not (Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists()
-    except Exception:  # noqa: BLE001 - a private torch helper; if it moves, say nothing rather than fail
-        return False
+    return kernels.unavailable_reason()

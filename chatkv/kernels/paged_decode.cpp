@@ -11,7 +11,7 @@
 // Shapes it serves (paged_decode_supported says which): head_dim 16, 32, 64 or 128; 1 to 8 query heads
 // per KV head; blocks of a multiple of 16 tokens; float32 or bfloat16. Anything else is attended by the
 // engine's gather + SDPA path. Registered as torch.ops.chatkv.*; built on first use by
-// chatkv/engine/paged_kernel.py.
+// chatkv/kernels/__init__.py (with int8_linear.cpp); chatkv/engine/paged_kernel.py decides when it is used.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -322,7 +322,7 @@ bool paged_decode_supported(int64_t heads, int64_t kv_heads, int64_t head_dim, i
 
 }  // namespace
 
-TORCH_LIBRARY(chatkv, m) {
+TORCH_LIBRARY_FRAGMENT(chatkv, m) {
   m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor context_lens, Tensor query_rows, Tensor(a!) output, int block_size, float scale) -> ()");
   m.def("paged_decode_supported(int heads, int kv_heads, int head_dim, int block_size) -> bool", paged_decode_supported);
