@@ -5,7 +5,7 @@ terminal UI, with no terminal. It reads a script that warms up on one tab, then 
 per round, each time to a new tab, and prints a ``token`` event per streamed fragment. Each event is
 timestamped here as its line arrives; a round's rate is (events - 1) / (last - first), the same
 first-to-last definition as the engine's own figure, so the two differ only by what the App adds
-(its event loop, Markdown streaming, the GIL it shares with the engine thread).
+(its event loop, Markdown streaming, the socket hop from its engine process).
 
 The child gets a data folder of its own (so it never meets the user's chatkv or its lock) whose model
 cache is the bench's, so nothing is fetched, converted or quantized again.

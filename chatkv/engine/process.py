@@ -175,9 +175,9 @@ class EngineProcess:
             running = self._ended is None
         if running:
             try:
-                self._call("close")
-            except EngineError:
-                pass  # it ended on its own meanwhile
+                self._call("close", timeout=CLOSE_TIMEOUT_S)
+            except (EngineError, TimeoutError):
+                pass  # it ended on its own meanwhile, or hangs: _wait kills it
         self._wait(CLOSE_TIMEOUT_S)
         if self._reader is not None:
             self._reader.join()
@@ -228,8 +228,11 @@ class EngineProcess:
         return self._call("session_stats", session_id)
 
     # the socket --------------------------------------------------------------------------------
-    def _call(self, method: str, *args: Any, handle: TurnHandle | None = None) -> Any:
-        """Ask the child; returns its answer or raises what it raised. ``handle`` receives a submitted turn's events."""
+    def _call(self, method: str, *args: Any, handle: TurnHandle | None = None, timeout: float | None = None) -> Any:
+        """Ask the child; returns its answer or raises what it raised (``TimeoutError`` after ``timeout`` seconds).
+
+        ``handle`` receives a submitted turn's events.
+        """
         future: Future = Future()
         with self._lock:
             if self._ended is not None:
@@ -243,7 +246,7 @@ class EngineProcess:
         except OSError:
             pass  # the child is gone: the reader fails this call once it sees the socket close
         try:
-            return future.result()
+            return future.result(timeout)
         except BaseException:
             if handle is not None:
                 with self._lock:
