@@ -1,8 +1,8 @@
 """What ``chatkv launch`` needs running, for the terminal UI and headless mode alike.
 
 In order: lock the data folder (one chatkv per folder), find the model (the first launch fetches and
-converts it), then import torch, load the model and start the engine: every check that needs no model
-comes before the seconds torch takes. The terminal UI does the last step on a thread behind a
+converts it), then import torch, load the model and start the engine, by default in a child process
+of its own (``chatkv.engine.process``): every check that needs no model comes before the seconds torch takes. The terminal UI does the last step on a thread behind a
 ``LoadingEngine``, so saved chats can be read while the model loads. On the way out the engine is
 closed and the lock released, however the app ended. With ``[backend] url`` (``--backend``) a
 ``RemoteBackend`` talking to that server takes the engine's place, and no model is loaded here.

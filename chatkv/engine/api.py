@@ -206,6 +206,16 @@ class TurnHandle:
         self._result: TurnResult | None = None
         self._tokens: list[TokenEvent] = []
 
+    @classmethod
+    def for_caller(cls, session_id: str,
+                   listener: Callable[[TokenEvent | TurnResult], None] | None = None) -> "TurnHandle":
+        """A handle whose events reach the calling thread's event loop, if it runs one (else use ``wait()``)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        return cls(session_id, loop, listener)
+
     # engine side -------------------------------------------------------------------------------
     def _push(self, event: TokenEvent) -> None:
         self._tokens.append(event)

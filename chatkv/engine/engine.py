@@ -11,7 +11,6 @@ sessions carry on.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from concurrent.futures import Future
@@ -146,11 +145,7 @@ class Engine:
         sampling = check_turn_request(session_id, messages, sampling)
         reserve = min(sampling.max_new_tokens, self.context_limit // 2)
         rendered = self.renderer.fit(messages, self.context_limit - reserve)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        handle = TurnHandle(session_id, loop, listener)
+        handle = TurnHandle.for_caller(session_id, listener)
         turn = Turn(session_id, rendered.ids, sampling, handle, dropped_messages=rendered.dropped_messages)
         with self._wakeup:
             if self._stopping:

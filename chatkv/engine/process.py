@@ -28,7 +28,6 @@ child sees the socket close and shuts the engine down.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import os
@@ -201,11 +200,7 @@ class EngineProcess:
     def submit(self, session_id: str, messages: list[Message], sampling: Sampling | None = None) -> TurnHandle:
         """As ``Engine.submit``: the handle streams the child's tokens on the caller's event loop, if any."""
         sampling = check_turn_request(session_id, messages, sampling)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        handle = TurnHandle(session_id, loop)
+        handle = TurnHandle.for_caller(session_id)
         self._call("submit", session_id, messages, sampling, handle=handle)
         return handle
 

@@ -220,11 +220,7 @@ class RemoteBackend:
         if self._loop is None or self._thread is None:
             raise EngineError("the remote backend is not running")
         model = self.model_for(session_id)  # may be "" while the server has not been reached yet: _serve asks again
-        try:
-            caller_loop = asyncio.get_running_loop()
-        except RuntimeError:
-            caller_loop = None
-        turn = _Turn(session_id, model, sampling, TurnHandle(session_id, caller_loop))
+        turn = _Turn(session_id, model, sampling, TurnHandle.for_caller(session_id))
         with self._lock:
             if session_id in self._running:
                 raise EngineError("this conversation is still replying; wait for it or stop it first")
