@@ -48,7 +48,7 @@ from chatkv.conversation import Message
 from chatkv.engine.api import (EngineError, EngineStats, QueueFullError, Sampling, SessionStats, TokenEvent, TurnHandle,
                                TurnResult, check_turn_request)
 from chatkv.model.errors import ModelError
-from chatkv.paths import Paths
+from chatkv.paths import Paths, ensure_private_dir
 
 ENGINE_LOG_NAME = "engine.log"
 CLOSE_TIMEOUT_S = 60.0  # closing cancels running turns at the next step; a snapshot on the way out can take a while
@@ -126,7 +126,7 @@ class EngineProcess:
         ends before it says so.
         """
         ours, theirs = socket.socketpair()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.log_path.parent)
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             # a plain subprocess rather than multiprocessing: Textual replaces sys.stderr with an object that has
@@ -288,9 +288,8 @@ class EngineProcess:
             self._log(self._ended)
 
     def _ended_message(self) -> str:
-        code = self._process.returncode
-        how = ("it is still running" if code is None
-               else f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+        code = self._process.returncode  # set: _wait has seen the child exit (or killed it)
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         return f"the engine process stopped unexpectedly ({how}); its log is {self.log_path}"
 
 

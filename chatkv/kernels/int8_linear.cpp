@@ -74,6 +74,28 @@ void store(const float* values, const at::Tensor& y, int64_t rows, int64_t n, in
 template <int ROWS>
 constexpr int tile_for() { return ROWS <= 2 ? 4 : ROWS <= 4 ? 2 : 1; }
 
+// Output features n0 .. n0 + TILE - 1 for all ROWS rows; each feature's sums run in the same order whatever TILE is.
+template <int ROWS, int TILE>
+inline void int8_tile(const float* xf, const int8_t* weights, const float* scale, int64_t k, int64_t out_features,
+                      const at::Tensor& y, int64_t n0) {
+  __m512 acc[TILE][ROWS];
+  for (int t = 0; t < TILE; ++t)
+    for (int m = 0; m < ROWS; ++m) acc[t][m] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    for (int t = 0; t < TILE; ++t) {
+      const int8_t* w = weights + (n0 + t) * k + i;
+      _mm_prefetch(reinterpret_cast<const char*>(w) + TILE * k, _MM_HINT_T0);
+      const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+      for (int m = 0; m < ROWS; ++m) acc[t][m] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xf + m * k + i), acc[t][m]);
+    }
+  }
+  for (int t = 0; t < TILE; ++t) {
+    float values[ROWS];
+    for (int m = 0; m < ROWS; ++m) values[m] = _mm512_reduce_add_ps(acc[t][m]) * scale[n0 + t];
+    store(values, y, ROWS, n0 + t, out_features);
+  }
+}
+
 template <int ROWS>
 void int8_rows(const float* xf, const int8_t* weights, const float* scale, int64_t k, int64_t out_features,
                const at::Tensor& y) {
@@ -81,35 +103,10 @@ void int8_rows(const float* xf, const int8_t* weights, const float* scale, int64
   at::parallel_for(0, (out_features + TILE - 1) / TILE, 64, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = tile * TILE;
-      if (n0 + TILE > out_features) {  // the last, partial tile: one feature at a time
-        for (int64_t n = n0; n < out_features; ++n) {
-          __m512 acc[ROWS];
-          for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
-          for (int64_t i = 0; i < k; i += 16) {
-            const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weights + n * k + i))));
-            for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xf + m * k + i), acc[m]);
-          }
-          float values[ROWS];
-          for (int m = 0; m < ROWS; ++m) values[m] = _mm512_reduce_add_ps(acc[m]) * scale[n];
-          store(values, y, ROWS, n, out_features);
-        }
-        continue;
-      }
-      __m512 acc[TILE][ROWS];
-      for (int t = 0; t < TILE; ++t)
-        for (int m = 0; m < ROWS; ++m) acc[t][m] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < k; i += 16) {
-        for (int t = 0; t < TILE; ++t) {
-          const int8_t* w = weights + (n0 + t) * k + i;
-          _mm_prefetch(reinterpret_cast<const char*>(w) + TILE * k, _MM_HINT_T0);
-          const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
-          for (int m = 0; m < ROWS; ++m) acc[t][m] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xf + m * k + i), acc[t][m]);
-        }
-      }
-      for (int t = 0; t < TILE; ++t) {
-        float values[ROWS];
-        for (int m = 0; m < ROWS; ++m) values[m] = _mm512_reduce_add_ps(acc[t][m]) * scale[n0 + t];
-        store(values, y, ROWS, n0 + t, out_features);
+      if (n0 + TILE <= out_features) {
+        int8_tile<ROWS, TILE>(xf, weights, scale, k, out_features, y, n0);
+      } else {  // the last, partial tile: one feature at a time
+        for (int64_t n = n0; n < out_features; ++n) int8_tile<ROWS, 1>(xf, weights, scale, k, out_features, y, n);
       }
     }
   });
