@@ -7,10 +7,8 @@ parsed as markup), replies are Markdown with raw HTML switched off, and both go 
 
 from __future__ import annotations
 
-import functools
-
 import asyncio
-
+import functools
 from typing import Any
 
 from markdown_it import MarkdownIt
@@ -24,9 +22,10 @@ from textual.widgets.markdown import MarkdownStream
 from chatkv.tui.literal_text import visible
 
 # New text is shown at most this often while streaming: every repaint re-lays out the screen, and on a
-# small CPU the UI thread would otherwise take time (and the GIL) from the engine writing the tokens.
-# Measured on 2 cores through the headless App (one 64-token reply, 9 rounds each): 15 frames a second
-# streamed ~20% fewer tokens per second than 10.
+# small CPU the UI thread would otherwise take time from the engine writing the tokens (and the GIL, when
+# the engine runs in this process: [model] engine_process off). Measured on 2 cores through the headless
+# App with the engine in this process (one 64-token reply, 9 rounds each): 15 frames a second streamed
+# ~20% fewer tokens per second than 10. Not measured again since the engine got its own process.
 STREAM_FRAME_SECONDS = 1 / 10
 
 FINISH_NOTES = {
