@@ -9,7 +9,8 @@ from chatkv.config import KvOptions, Settings
 from chatkv.conversation import Message
 from chatkv.engine import Engine, Sampling
 from chatkv.engine.detokenizer import IncrementalDetokenizer
-from chatkv.engine.kv_store import KvLayout, KvStore
+from chatkv.engine.kv_blocks import KvLayout
+from chatkv.engine.kv_store import KvStore
 from chatkv.engine.reference import greedy_full_recompute
 from tests.chat_turns import chat
 
@@ -107,7 +108,7 @@ def test_cutting_a_session_back_into_shared_blocks_copies_on_write_and_leaves_th
     layout = KvLayout(layers=2, kv_heads=2, head_dim=4)
     store = KvStore(layout, torch.float32, torch.device("cpu"), KvOptions(), block_size=4)
     store.reserve("a", 10)
-    store.kv[:, :, store.slots(store.peek("a"), 0, 10)] = torch.randn(2, 2, 10, 2, 4)
+    store.write(store.peek("a"), 0, torch.randn(2, 2, 2, 10, 4))
     store.commit("a", list(range(10)))
     before = store.session_kv(store.peek("a")).clone()
     assert store.fork("a", "b") == 10
@@ -115,10 +116,11 @@ def test_cutting_a_session_back_into_shared_blocks_copies_on_write_and_leaves_th
     assert b.block_table[:2] == store.peek("a").block_table[:2] and store.shared_blocks == 2
     store.truncate("b", 6)  # inside b's second block, which a shares
     store.reserve("b", 10)
-    store.kv[:, :, store.slots(b, 6, 10)] = 7.0
+    store.write(b, 6, torch.full((2, 2, 2, 4, 4), 7.0))
     store.commit("b", [60, 70, 80, 90])
     assert torch.equal(store.session_kv(store.peek("a")), before)
     assert torch.equal(store.session_kv(b)[:, :, :, :6], before[:, :, :, :6])
+    assert bool((store.session_kv(b)[:, :, :, 6:] == 7.0).all())  # written from a position inside a block
     assert store.shared_blocks == 1 and store.bytes == 5 * store.block_bytes  # a: 3 blocks, b: 2 of its own
     assert store.match_prefix([0, 1, 2, 3, 4, 5, 60, 70, 99], 9) == b.block_table[:2]
     store.drop("a")

@@ -21,8 +21,24 @@ def kernel():
     return op
 
 
+def in_blocks(key_slots, value_slots):
+    """Token-major caches ``[blocks * BLOCK, kv_heads, head_dim]`` in the pool's block layout (see kv_blocks)."""
+    slots, kv_heads, head_dim = key_slots.shape
+    pack = 4 // key_slots.element_size()
+    keys = key_slots.view(slots // BLOCK, BLOCK, kv_heads, head_dim // pack, pack).permute(0, 2, 3, 1, 4).contiguous()
+    values = value_slots.view(slots // BLOCK, BLOCK, kv_heads, head_dim).transpose(1, 2).contiguous()
+    return keys, values
+
+
+def blank_caches(blocks, kv_heads, head_dim, block=BLOCK, dtype=torch.float32):
+    pack = 4 // torch.empty((), dtype=dtype).element_size()
+    return (torch.zeros(blocks, kv_heads, head_dim // pack, block, pack, dtype=dtype),
+            torch.zeros(blocks, kv_heads, block, head_dim, dtype=dtype))
+
+
 def reference(query, key_cache, value_cache, tables, lengths, rows, scale):
-    """Each sequence alone: its slots gathered in order, float32 SDPA, query heads grouped onto KV heads."""
+    """Each sequence alone: its slots gathered in order from token-major caches, float32 SDPA, query heads
+    grouped onto KV heads."""
     heads, kv_heads = query.shape[1], key_cache.shape[1]
     out = torch.zeros(query.shape, dtype=torch.float32)
     for sequence, (table, length, row) in enumerate(zip(tables.tolist(), lengths.tolist(), rows.tolist())):
@@ -51,7 +67,7 @@ def test_kernel_matches_attention_over_each_sequence(kernel, dtype, head_dim, he
     query = (torch.randn(heads, total, head_dim, generator=generator) * 3).to(dtype).transpose(0, 1)
     output = torch.zeros(total, heads, head_dim, dtype=dtype)
     scale = head_dim**-0.5
-    kernel(query, key_cache, value_cache, tables, torch.tensor(lengths), rows, output, BLOCK, scale)
+    kernel(query, *in_blocks(key_cache, value_cache), tables, torch.tensor(lengths), rows, output, scale)
     expected = reference(query, key_cache, value_cache, tables, torch.tensor(lengths), rows, scale)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(output[rows].float(), expected[rows], atol=tolerance, rtol=tolerance)
@@ -67,33 +83,36 @@ def test_kernel_says_which_shapes_it_serves_and_the_engine_falls_back_for_the_re
         op, reason = decode_kernel_for(heads, kv_heads, head_dim, block)
         assert op is None and f"head_dim {head_dim}" in reason
         query = torch.zeros(1, heads, head_dim)
-        cache = torch.zeros(block, kv_heads, head_dim)
         one = torch.ones(1, dtype=torch.long)
         with pytest.raises(RuntimeError, match="does not serve these shapes"):
-            kernel(query, cache, cache, torch.zeros(1, 1, dtype=torch.long), one, one - 1, query.clone(), block, 0.125)
+            kernel(query, *blank_caches(1, kv_heads, head_dim, block), torch.zeros(1, 1, dtype=torch.long), one, one - 1,
+                   query.clone(), 0.125)
 
 
 def test_kernel_refuses_what_it_cannot_read(kernel):
-    cache = torch.zeros(BLOCK, 1, 64)
+    keys, values = blank_caches(1, 1, 64)
     query = torch.zeros(1, 2, 64)
     one = torch.ones(1, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="float32 and bfloat16"):
-        kernel(query.half(), cache.half(), cache.half(), torch.zeros(1, 1, dtype=torch.long), one, one - 1,
-               query.half(), BLOCK, 0.125)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        strided = torch.zeros(BLOCK, 2, 64)[:, :1]  # one head of a two-head cache: not contiguous
-        kernel(query, strided, cache, torch.zeros(1, 1, dtype=torch.long), one, one - 1, query, BLOCK, 0.125)
     table = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="float32 and bfloat16"):
+        kernel(query.half(), keys.half(), values.half(), table, one, one - 1, query.half(), 0.125)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        strided = blank_caches(2, 2, 64)[0][:, :1]  # one head of a two-head cache: not contiguous
+        kernel(query, strided, values, table, one, one - 1, query, 0.125)
+    with pytest.raises(RuntimeError, match="key_cache must be"):  # token-major keys, the layout of old pools
+        kernel(query, torch.zeros(BLOCK, 1, 64), values, table, one, one - 1, query.clone(), 0.125)
     with pytest.raises(RuntimeError, match="beyond its block table"):  # 17 keys, one 16-token block
-        kernel(query, cache, cache, table, one * 17, one - 1, query.clone(), BLOCK, 0.125)
+        kernel(query, keys, values, table, one * 17, one - 1, query.clone(), 0.125)
     with pytest.raises(RuntimeError, match="outside the query"):
-        kernel(query, cache, cache, table, one, one, query.clone(), BLOCK, 0.125)
+        kernel(query, keys, values, table, one, one, query.clone(), 0.125)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernel(query, keys, values, table + 1, one, one - 1, query.clone(), 0.125)
 
 
 def test_step_gives_decode_rows_to_the_kernel_and_falls_back_without_it(kernel):
     from chatkv.engine.attention import PackedStep, Segment
 
-    kv = torch.zeros(2, 2, 4 * BLOCK, 2, 16)
+    kv = torch.zeros(2, 2, 4, 2, BLOCK * 16)
     decode = Segment([0, 1], start=0, length=1, past=20)
     prefill = Segment([2], start=1, length=5, past=0)
     with_kernel = PackedStep.build(kv, [decode, prefill], BLOCK, torch.float32, kernel)
@@ -110,9 +129,9 @@ def test_a_built_step_leaves_no_reference_to_its_pool_behind():
 
     from chatkv.engine.attention import PackedStep, Segment
 
-    pool = torch.zeros(2, 2, 4 * BLOCK, 2, 16)
+    pool = torch.zeros(2, 2, 4, 2, BLOCK * 16)
     step = PackedStep.build(pool, [Segment([0, 1], start=0, length=1, past=20)], BLOCK, torch.float32, decode_kernel())
-    assert step.layer_caches[1][1].data_ptr() == pool[1, 1].data_ptr()
+    assert step.layer_caches[1][1].data_ptr() == pool[1, 1].data_ptr()  # a view, not a copy
     alive = weakref.ref(pool)
     del pool, step
     gc.collect()

@@ -6,14 +6,14 @@ through ``packed_attention``, registered with transformers' ``AttentionInterface
 modules) does, per layer:
 
 1. write the step's keys and values (RoPE already applied) into their pool slots, one ``index_copy_``
-   each;
+   each (``kv_blocks``: how a block arranges them);
 2. decode tokens (one query per session), on the CPU: one call of the paged decode kernel
    (``paged_decode.cpp``), which reads each session's keys and values in place through its block
    table;
 3. prefill chunks (and decode tokens where the kernel is not available: CUDA, no compiler, a shape
    it does not serve): gather each session's blocks of keys and values through its block table into
-   a padded batch (one ``index_select`` over whole blocks, about as fast as a plain copy; indexing
-   single slots is several times slower on the CPU) and run ``scaled_dot_product_attention`` once
+   a padded batch (one ``index_select`` over whole blocks, then one reordering copy to token-major;
+   indexing single slots is several times slower on the CPU) and run ``scaled_dot_product_attention`` once
    for the whole batch, with an additive mask that hides the padding and keeps prefill causal.
    Decode rows and prefill chunks are padded separately, so a step that mixes both does not pad
    every decode row to the longest chunk.
@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from chatkv.engine.kv_blocks import WriteRows, key_pack, keys_as_tokens, layer_caches, values_as_tokens, write_tokens
 
 ATTENTION_NAME = "chatkv_packed"
 
@@ -87,28 +89,35 @@ class DecodeRows:
 class PackedStep:
     """What one forward pass needs to attend over the pool: built once per step, used by every layer."""
 
-    kv: torch.Tensor  # the pool: [layers, 2, slots, kv_heads, head_dim], slot = block * block_size + offset
+    kv: torch.Tensor  # the pool: [layers, 2, blocks, kv_heads, block_size * head_dim] (see kv_blocks)
     block_size: int
     slot_mapping: torch.Tensor  # int64 [T]: the pool slot each new token's K/V goes to
     batches: list[AttentionBatch]
     segments: list[Segment]
     decode_rows: DecodeRows | None = None
     decode_kernel: Callable | None = None
-    layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer: key, value views of kv
+    kv_write: Callable | None = None  # paged_kernel.kv_write_kernel(): stores the new tokens' K/V at slot_mapping
+    write_rows: WriteRows | None = None  # where the new tokens' K/V go without kv_write
+    layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer: kv_blocks.layer_caches
 
     @classmethod
     def build(
         cls, kv: torch.Tensor, segments: list[Segment], block_size: int, mask_dtype: torch.dtype,
-        decode_kernel: Callable | None = None,
+        decode_kernel: Callable | None = None, kv_write: Callable | None = None,
     ) -> "PackedStep":
-        """Indices and masks for ``segments``; ``decode_kernel`` (``paged_kernel.decode_kernel()``) takes the decode rows."""
+        """Indices and masks for ``segments``; ``decode_kernel`` (``paged_kernel.decode_kernel()``) takes the decode
+        rows, ``kv_write`` (``paged_kernel.kv_write_kernel()``, CPU only) stores the step's K/V."""
         device = kv.device
         slot_parts = []
         for segment in segments:
             positions = torch.arange(segment.past, segment.past + segment.length)
             table = torch.tensor(segment.block_table, dtype=torch.long)
             slot_parts.append(table[positions // block_size] * block_size + positions % block_size)
-        slot_mapping = torch.cat(slot_parts).to(device)
+        slot_mapping = torch.cat(slot_parts).to(device)  # slot = block * block_size + offset
+        write_rows = None
+        if kv_write is None or device.type != "cpu":
+            kv_write, head_dim = None, kv.shape[4] // block_size
+            write_rows = WriteRows.for_slots(slot_mapping, kv.shape[3], head_dim, block_size, key_pack(kv.dtype))
         decode = [s for s in segments if s.length == 1]
         prefill = [s for s in segments if s.length > 1]
         decode_rows = None
@@ -116,16 +125,7 @@ class PackedStep:
             decode_rows, decode = _decode_rows(decode, block_size), []
         batches = [_batch(group, block_size, mask_dtype, device) for group in (decode, prefill) if group]
         return cls(kv, block_size, slot_mapping, batches, segments, decode_rows, decode_kernel if decode_rows else None,
-                   _layer_caches(kv))
-
-
-def _layer_caches(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(kv[layer, 0], kv[layer, 1])`` for every layer, from one ``unbind`` per step.
-
-    Made per step rather than kept: views held on the pool would keep a grown-out-of pool alive.
-    """
-    caches = kv.view(kv.shape[0] * 2, *kv.shape[2:]).unbind(0)
-    return list(zip(caches[0::2], caches[1::2]))
+                   kv_write, write_rows, layer_caches(kv, block_size))
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -215,22 +215,23 @@ def attend(
             module, query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None], None, scaling=scaling
         )
         return attended[0]
-    key_cache, value_cache = step.layer_caches[module.layer_idx]  # each [slots, kv_heads, head_dim]
-    slots, kv_heads, head_dim = key_cache.shape
-    key_cache.index_copy_(0, step.slot_mapping, key)
-    value_cache.index_copy_(0, step.slot_mapping, value)
-    total, heads = query.shape[0], query.shape[1]
+    key_cache, value_cache = step.layer_caches[module.layer_idx]  # see kv_blocks.layer_caches
+    if step.kv_write is not None:
+        step.kv_write(key, value, key_cache, value_cache, step.slot_mapping)
+    else:
+        write_tokens(key_cache, value_cache, step.write_rows, key, value)
+    total, heads, head_dim = query.shape
+    kv_heads = value_cache.shape[1]
     groups = heads // kv_heads
     output = query.new_empty(total, heads, head_dim)
     if step.decode_rows is not None:
         rows = step.decode_rows
         step.decode_kernel(
             query, key_cache, value_cache, rows.block_tables, rows.context_lens, rows.query_rows,
-            output, step.block_size, scaling if scaling is not None else head_dim**-0.5,
+            output, scaling if scaling is not None else head_dim**-0.5,
         )
     if not step.batches:
         return output
-    block_elements = step.block_size * kv_heads * head_dim
     by_head = query.transpose(0, 1)  # [heads, T, head_dim]
     for batch in step.batches:  # decode rows without the kernel; prefill chunks
         b, q = batch.batch, batch.queries
@@ -240,18 +241,12 @@ def attend(
             .permute(2, 0, 1, 3, 4)
             .reshape(b, kv_heads, groups * q, head_dim)
         )
-        keys = _gather_blocks(key_cache, batch, block_elements, kv_heads, head_dim)
-        values = _gather_blocks(value_cache, batch, block_elements, kv_heads, head_dim)
+        keys = keys_as_tokens(key_cache.index_select(0, batch.key_blocks).unflatten(0, (b, -1)))
+        values = values_as_tokens(value_cache.index_select(0, batch.key_blocks).unflatten(0, (b, -1)))
         attended = F.scaled_dot_product_attention(folded, keys, values, attn_mask=batch.folded_mask(groups), scale=scaling)
         rows = attended.view(b, kv_heads, groups, q, head_dim).permute(0, 3, 1, 2, 4).reshape(b * q, heads, head_dim)
         output.index_copy_(0, batch.output_index, rows.index_select(0, batch.real_rows))
     return output
-
-
-def _gather_blocks(cache: torch.Tensor, batch: AttentionBatch, block_elements: int, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """``[b, kv_heads, blocks * block_size, head_dim]``: each row's blocks of ``cache``, in position order."""
-    gathered = cache.view(-1, block_elements).index_select(0, batch.key_blocks)
-    return gathered.view(batch.batch, -1, kv_heads, head_dim).transpose(1, 2)
 
 
 AttentionInterface.register(ATTENTION_NAME, packed_attention)

@@ -1,7 +1,8 @@
 """Paged KV storage: one pool of fixed-size blocks that every session's block table points into.
 
-The pool is one tensor ``[layers, 2, slots, kv_heads, head_dim]`` (K and V); slot ``b * block_size + i``
-is position ``i`` of block ``b``. A session holds a block table (block ids in position order) and the
+The pool is one tensor ``[layers, 2, blocks, kv_heads, block_size * head_dim]`` (K and V; how a block
+arranges them is ``kv_blocks``'s business); slot ``b * block_size + i`` is position ``i`` of block ``b``.
+A session holds a block table (block ids in position order) and the
 exact token ids its first ``length`` positions hold. Blocks carry reference counts, so sessions share
 them:
 
@@ -30,20 +31,11 @@ from typing import Callable, Sequence
 import torch
 
 from chatkv.config import KvOptions
+from chatkv.engine.kv_blocks import KvLayout, WriteRows, key_pack, layer_caches, read_blocks, write_tokens
 
 BLOCK_SIZE = 16  # tokens per block
 POOL_GROWTH = 1.5  # the pool tensor grows by this much when no block is free (never past the byte budget)
 MIN_POOL_BLOCKS = 64
-
-
-@dataclass(frozen=True)
-class KvLayout:
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    def bytes_per_token(self, dtype: torch.dtype) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -106,7 +98,7 @@ class KvStore:
         self.block_size = block_size
         self.block_bytes = block_size * layout.bytes_per_token(dtype)
         self.max_blocks = options.max_bytes_total // self.block_bytes
-        self.kv = torch.empty((layout.layers, 2, 0, layout.kv_heads, layout.head_dim), dtype=dtype, device=device)
+        self.kv = torch.empty(layout.pool_shape(0, block_size), dtype=dtype, device=device)
         self.blocks: list[Block] = []
         self._free: OrderedDict[int, None] = OrderedDict()  # least recently freed first
         self._by_hash: dict[int, int] = {}
@@ -172,8 +164,17 @@ class KvStore:
 
     def session_kv(self, entry: SessionKv) -> torch.Tensor:
         """A copy of the session's KV as ``[layers, 2, kv_heads, length, head_dim]`` (the snapshot layout)."""
-        slots = self.slots(entry, 0, entry.length).to(self.device)
-        return self.kv[:, :, slots].transpose(2, 3)
+        blocks = torch.tensor(entry.block_table[: _blocks_for(entry.length, self.block_size)], dtype=torch.long)
+        return read_blocks(self.kv, blocks.to(self.device), self.block_size, entry.length)
+
+    def write(self, entry: SessionKv, start: int, kv: torch.Tensor) -> None:
+        """Store ``kv`` (``[layers, 2, kv_heads, n, head_dim]``, any dtype or device) as the session's positions
+        ``[start, start + n)``, in blocks it already holds (``reserve``); ``commit`` then records their tokens."""
+        slots = self.slots(entry, start, start + kv.shape[3]).to(self.device)
+        rows = WriteRows.for_slots(slots, self.layout.kv_heads, self.layout.head_dim, self.block_size, key_pack(self.dtype))
+        kv = kv.to(device=self.device, dtype=self.dtype)
+        for layer, (keys, values) in enumerate(layer_caches(self.kv, self.block_size)):
+            write_tokens(keys, values, rows, kv[layer, 0].transpose(0, 1), kv[layer, 1].transpose(0, 1))
 
     def match_prefix(self, token_ids: Sequence[int], limit: int) -> list[int]:
         """Ids of pooled blocks holding the longest run of full blocks that starts ``token_ids[:limit]``."""
@@ -286,8 +287,7 @@ class KvStore:
         except KvBudgetError:
             self.drop(session_id)
             raise
-        slots = self.slots(entry, start, len(token_ids)).to(self.device)
-        self.kv[:, :, slots] = kv[:, :, :, start:].transpose(2, 3).to(device=self.device, dtype=self.dtype)
+        self.write(entry, start, kv[:, :, :, start:])
         self.commit(session_id, token_ids[start:], share)
         return entry
 
@@ -338,8 +338,7 @@ class KvStore:
         block.token_ids = ()
 
     def _copy_block(self, source: int, target: int) -> None:
-        size = self.block_size
-        self.kv[:, :, target * size : (target + 1) * size] = self.kv[:, :, source * size : (source + 1) * size]
+        self.kv[:, :, target] = self.kv[:, :, source]
 
     def _allocate(self, owner: str) -> int:
         if not self._free:
@@ -383,8 +382,8 @@ class KvStore:
         if new < blocks_needed:
             raise KvBudgetError("the KV pool is full")
         # zeros, not empty: attention reads padding slots under a -inf mask, and garbage NaN there would leak
-        kv = torch.zeros((*self.kv.shape[:2], new * self.block_size, *self.kv.shape[3:]), dtype=self.dtype, device=self.device)
-        kv[:, :, : self.kv.shape[2]] = self.kv
+        kv = torch.zeros(self.layout.pool_shape(new, self.block_size), dtype=self.dtype, device=self.device)
+        kv[:, :, :old] = self.kv
         self.kv = kv
         self.blocks.extend(Block(block_id) for block_id in range(old, new))
         fresh = OrderedDict((block_id, None) for block_id in range(old, new))

@@ -40,5 +40,11 @@ def decode_kernel_for(heads: int, kv_heads: int, head_dim: int, block_size: int,
     return op, None
 
 
+def kv_write_kernel():
+    """``torch.ops.chatkv.paged_kv_write`` (stores a step's keys and values in the pool's block layout, on the
+    CPU), or None where the kernels are unavailable (then ``kv_blocks.write_tokens`` does it). Never raises."""
+    return None if kernels.load() else torch.ops.chatkv.paged_kv_write
+
+
 def unavailable_reason() -> str | None:
     return kernels.unavailable_reason()

@@ -8,8 +8,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chatkv.engine.attention import PackedStep, Segment, use_packed_attention
-from chatkv.engine.kv_store import BLOCK_SIZE, KvLayout
-from chatkv.engine.paged_kernel import decode_kernel_for
+from chatkv.engine.kv_blocks import KvLayout
+from chatkv.engine.kv_store import BLOCK_SIZE
+from chatkv.engine.paged_kernel import decode_kernel_for, kv_write_kernel
 from chatkv.model.loader import ModelBundle
 
 # Chosen explicitly: left to itself, torch on CUDA may pick cuDNN attention, which builds a new plan for
@@ -44,11 +45,13 @@ class ModelRunner:
         # the CPU decode kernel, or None (CUDA, no compiler, a shape it does not serve): attention then
         # gathers and calls SDPA; why not is in decode_kernel_missing
         self.decode_kernel, self.decode_kernel_missing = None, "not used on this device"
+        self.kv_write = None  # with the decode kernel: its companion that stores each step's K/V
         if torch.device(self.device).type == "cpu":
             config = bundle.model.config
             self.decode_kernel, self.decode_kernel_missing = decode_kernel_for(
                 config.num_attention_heads, self.layout.kv_heads, self.layout.head_dim, block_size, progress
             )
+            self.kv_write = kv_write_kernel() if self.decode_kernel is not None else None
         self.tokens_fed = 0  # every token that went through the model: tests check reuse against it
 
     def forward(
@@ -64,7 +67,7 @@ class ModelRunner:
         ``step`` is a built ``PackedStep``, or the step's segments plus ``kv``, the pool they index.
         """
         if not isinstance(step, PackedStep):
-            step = PackedStep.build(kv, step, self.block_size, self.dtype, self.decode_kernel)
+            step = PackedStep.build(kv, step, self.block_size, self.dtype, self.decode_kernel, self.kv_write)
         ids = torch.tensor([input_ids], dtype=torch.long).to(self.device)
         position_ids = torch.tensor([positions], dtype=torch.long).to(self.device)
         keep = torch.tensor(logits_rows or [len(input_ids) - 1], dtype=torch.long).to(self.device)

@@ -3,10 +3,17 @@
 // One query token per sequence attends over that sequence's cached keys and values, found through its
 // block table; nothing is gathered into a padded copy first. Work is split over (sequence, KV head)
 // pairs; each pair reads its keys and values once, for all the query heads that share that KV head
-// (grouped-query attention), with those queries and the value sums held in registers. Scores, softmax
-// and sums are float32 whatever the pool's dtype; the scores of 16 keys are reduced together (one
-// transpose-and-add tree instead of 16 horizontal sums) and the softmax uses a polynomial exp
-// (relative error ~2e-7).
+// (grouped-query attention), in one pass (online softmax). Scores, softmax and sums are float32 whatever
+// the pool's dtype; the softmax uses a polynomial exp (relative error ~2e-7).
+//
+// The key layout is what makes the scores cheap. Within a block, one KV head's keys are stored
+// dimension-major: [head_dim / pack, block_size, pack], pack = 1 for float32 and 2 for bfloat16 (a pair
+// of dimensions per 32-bit element). So one 64-byte line holds the same (pair of) dimension(s) of 16
+// consecutive keys, and a query head's 16 scores grow lane by lane, one multiply-add per line, with no
+// horizontal sums (they took more instructions than the products when keys were stored token-major).
+// Values are token-major, [block_size, head_dim] per KV head: the weighted sum adds whole rows. One KV
+// head's part of a block is one contiguous run of keys, then one of values. The key layout is the one
+// vLLM's first paged-attention kernels used, for the same reason.
 //
 // Shapes it serves (paged_decode_supported says which): head_dim 16, 32, 64 or 128; 1 to 8 query heads
 // per KV head; blocks of a multiple of 16 tokens; float32 or bfloat16. Anything else is attended by the
@@ -54,23 +61,10 @@ inline __m512 load16(const c10::BFloat16* source) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// [sum(v[0]), ..., sum(v[15])]
-inline __m512 sum_each(__m512 v[16]) {
-  __m512 pairs[8];
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  }
-  __m512 quads[4];
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a, b, c, d], each the sum of that lane of its vector
-    const __m512d low = _mm512_castps_pd(pairs[2 * i]), high = _mm512_castps_pd(pairs[2 * i + 1]);
-    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(low, high)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(low, high)));
-  }
-  // add the four 128-bit lanes of each quad: lanes 0+1 and 2+3, then the two halves
-  const __m512 first = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
-  const __m512 second = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(first, second, 0x88), _mm512_shuffle_f32x4(first, second, 0xDD));
-}
+// Dimensions per 32-bit element of the key layout: keys are stored so that 16 consecutive keys of one
+// (pair of) dimension(s) fill one 64-byte line (see the layout at the top of the file)
+template <typename scalar_t>
+constexpr int64_t key_pack() { return 4 / static_cast<int64_t>(sizeof(scalar_t)); }
 
 // e^x for x <= 0 (scores minus their maximum); below -87 (and -inf) it gives e^-87, about 1e-38, so callers
 // mask the lanes that must be exactly 0
@@ -89,12 +83,12 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);  // p * 2^n
 }
 
-// Ask for the 16 rows of keys (or values) of one KV head that start at ``first`` rows before they are
-// needed: blocks lie anywhere in the pool, so the hardware prefetcher cannot guess the next one.
+// Ask for ``rows`` lines of 64 bytes, ``stride`` elements apart, before they are needed: blocks lie anywhere
+// in the pool, so the hardware prefetcher cannot guess the next one.
 template <typename scalar_t>
-inline void prefetch_tile(const scalar_t* first, int64_t rows, int64_t slot_stride, int64_t row_bytes, int hint) {
+inline void prefetch_rows(const scalar_t* first, int64_t rows, int64_t stride, int64_t row_bytes, int hint) {
   for (int64_t k = 0; k < rows; ++k) {
-    const char* row = reinterpret_cast<const char*>(first + k * slot_stride);
+    const char* row = reinterpret_cast<const char*>(first + k * stride);
     for (int64_t line = 0; line < row_bytes; line += 64) {
       if (hint == _MM_HINT_T0) _mm_prefetch(row + line, _MM_HINT_T0);
       else _mm_prefetch(row + line, _MM_HINT_T1);
@@ -102,14 +96,22 @@ inline void prefetch_tile(const scalar_t* first, int64_t rows, int64_t slot_stri
   }
 }
 
+// Scores of one query head for the 16 keys of a tile: in the key layout each line of 64 bytes holds one
+// dimension (float32) or one pair of dimensions (bfloat16) of 16 consecutive keys, so 16 dot products
+// grow side by side, lane by lane, with no horizontal sums. ACCUMULATORS independent sums per head keep
+// the multiply-adds from waiting on each other.
+constexpr int ACCUMULATORS = 4;
+
 template <typename scalar_t, int GROUPS, int VECTORS>  // VECTORS = head_dim / 16
 void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                  const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
-                 at::Tensor& output, int64_t block_size, double scale) {
+                 at::Tensor& output, double scale) {
   constexpr int64_t head_dim = VECTORS * 16;
+  constexpr int64_t pack = key_pack<scalar_t>();  // dimensions per 32-bit key element
+  constexpr int64_t lines = head_dim / pack;  // 64-byte lines per tile of keys
+  static_assert(lines % ACCUMULATORS == 0, "every sum gets the same number of lines");
 #if defined(__AVX512BF16__)
-  // bfloat16 keys and queries meet in AVX512-BF16 dot products (no widening of the keys)
-  constexpr bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16> && VECTORS % 2 == 0;
+  constexpr bool bf16_dot = std::is_same_v<scalar_t, c10::BFloat16>;  // AVX512-BF16 pair dot products
 #else
   constexpr bool bf16_dot = false;
 #endif
@@ -117,8 +119,10 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
   const int64_t table_width = block_tables.size(1);
   const int64_t heads = query.size(1);
   const int64_t kv_heads = key_cache.size(1);
+  const int64_t block_size = key_cache.size(3);
   const int64_t query_row_stride = query.stride(0), query_head_stride = query.stride(1);
-  const int64_t slot_stride = kv_heads * head_dim;
+  const int64_t key_line_stride = block_size * pack;  // elements from one line of a tile to the next
+  const int64_t tile_bytes = 16 * head_dim * sizeof(scalar_t);  // one KV head's keys (or values) of 16 positions
   const scalar_t* query_data = query.data_ptr<scalar_t>();
   const scalar_t* key_data = key_cache.data_ptr<scalar_t>();
   const scalar_t* value_data = value_cache.data_ptr<scalar_t>();
@@ -126,121 +130,122 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
   const int64_t* lengths = context_lens.data_ptr<int64_t>();
   const int64_t* rows = query_rows.data_ptr<int64_t>();
   scalar_t* output_data = output.data_ptr<scalar_t>();
-  const __m512 scale_v = _mm512_set1_ps(static_cast<float>(scale));
+  const float scale_f = static_cast<float>(scale);
 
   at::parallel_for(0, sequences * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;  // [GROUPS, length rounded up to 16]
+    // where a task's tile of 16 keys (and of their values) starts; tiles never straddle a block (block_size
+    // is a multiple of 16)
+    auto block_of = [&](int64_t task, int64_t first) {
+      return tables[(task / kv_heads) * table_width + first / block_size] * kv_heads + task % kv_heads;
+    };
+    auto key_tile = [&](int64_t task, int64_t first) {
+      return key_data + block_of(task, first) * lines * key_line_stride + (first % block_size) * pack;
+    };
+    auto value_tile = [&](int64_t task, int64_t first) {
+      return value_data + (block_of(task, first) * block_size + first % block_size) * head_dim;
+    };
+    for (int64_t ahead = 0; ahead < std::min<int64_t>(32, lengths[begin / kv_heads]); ahead += 16) {
+      prefetch_rows(key_tile(begin, ahead), lines, key_line_stride, 64, _MM_HINT_T0);
+      prefetch_rows(value_tile(begin, ahead), tile_bytes / 64, 64 / sizeof(scalar_t), 64, _MM_HINT_T0);
+    }
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sequence = task / kv_heads, kv_head = task % kv_heads;
       const int64_t length = lengths[sequence];
-      const int64_t* table = tables + sequence * table_width;
+      const int64_t padded = (length + 15) / 16 * 16;
       const int64_t query_row = rows[sequence];
-      const int64_t head_offset = kv_head * head_dim, row_bytes = head_dim * sizeof(scalar_t);
-      // tiles of 16 keys never straddle a block (block_size is a multiple of 16): a tile's rows are consecutive slots
-      auto tile_start = [&](int64_t first) {
-        return (table[first / block_size] * block_size + first % block_size) * slot_stride + head_offset;
-      };
-      __m512 q[GROUPS][VECTORS], sums[GROUPS][VECTORS], products[GROUPS][16];
-#if defined(__AVX512BF16__)
-      __m512bh q_bh[GROUPS][VECTORS / 2 > 0 ? VECTORS / 2 : 1];
-#endif
+      // the queries as the scores loop broadcasts them: scaled float32 dimensions, or raw bfloat16 pairs
+      alignas(64) float q[GROUPS][head_dim];
+      alignas(64) uint32_t q_pairs[GROUPS][head_dim / 2];
+      __m512 sums[GROUPS][VECTORS], totals[GROUPS];
+      float peaks[GROUPS];
       for (int g = 0; g < GROUPS; ++g) {
         const scalar_t* row = query_data + query_row * query_row_stride + (kv_head * GROUPS + g) * query_head_stride;
-        for (int v = 0; v < VECTORS; ++v) {
-          q[g][v] = _mm512_mul_ps(load16(row + 16 * v), scale_v);
-          sums[g][v] = _mm512_setzero_ps();
-        }
-#if defined(__AVX512BF16__)
-        if constexpr (bf16_dot) {
-          for (int v = 0; v < VECTORS / 2; ++v) q_bh[g][v] = (__m512bh)_mm512_loadu_si512(row + 32 * v);
-        }
-#endif
+        for (int64_t d = 0; d < head_dim; ++d) q[g][d] = static_cast<float>(row[d]) * scale_f;
+        if constexpr (bf16_dot) std::memcpy(q_pairs[g], row, head_dim * sizeof(scalar_t));
+        for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_setzero_ps();
+        totals[g] = _mm512_setzero_ps();
+        peaks[g] = -std::numeric_limits<float>::infinity();
       }
-      const int64_t padded = (length + 15) / 16 * 16;
-      scores.resize(GROUPS * padded);
       const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      __m512 peaks[GROUPS];
-      for (int g = 0; g < GROUPS; ++g) peaks[g] = minus_infinity;
-      for (int64_t ahead = 0; ahead < std::min<int64_t>(32, length); ahead += 16) {
-        prefetch_tile(key_data + tile_start(ahead), std::min<int64_t>(16, length - ahead), slot_stride, row_bytes, _MM_HINT_T0);
-      }
-      // 1. scores, 16 keys at a time; each key row is read once for all the query heads of this KV head
+      // One pass over the keys and values, 16 at a time (online softmax): a tile's scores, then its
+      // weights against the highest score so far, then its values weighted into the sums. Sums and
+      // totals made against a lower peak are scaled down when a higher one appears.
       for (int64_t first = 0; first < length; first += 16) {
         const int64_t count = std::min<int64_t>(16, length - first);
-        if (first + 32 < length) {  // two tiles ahead
-          prefetch_tile(key_data + tile_start(first + 32), std::min<int64_t>(16, length - first - 32), slot_stride, row_bytes, _MM_HINT_T0);
-        }
-        const int64_t start = tile_start(first);
-        prefetch_tile(value_data + start, count, slot_stride, row_bytes, _MM_HINT_T1);  // for step 3
-        const scalar_t* keys = key_data + start;
-        for (int64_t k = 0; k < 16; ++k) {
-          if (k >= count) {
-            for (int g = 0; g < GROUPS; ++g) products[g][k] = _mm512_setzero_ps();
-            continue;
-          }
-          const scalar_t* key = keys + k * slot_stride;
-#if defined(__AVX512BF16__)
-          if constexpr (bf16_dot) {  // bfloat16 pairs multiplied exactly and summed in float32, 32 at a time
-            __m512bh key_bh[VECTORS / 2];
-            for (int v = 0; v < VECTORS / 2; ++v) key_bh[v] = (__m512bh)_mm512_loadu_si512(key + 32 * v);
-            for (int g = 0; g < GROUPS; ++g) {
-              __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), q_bh[g][0], key_bh[0]);
-              for (int v = 1; v < VECTORS / 2; ++v) acc = _mm512_dpbf16_ps(acc, q_bh[g][v], key_bh[v]);
-              products[g][k] = acc;
+        // the tile after next (this task's, else the next task's first ones), one line of keys and one of
+        // values per line of keys read: prefetches in a burst stall on the fill buffers while there is
+        // arithmetic to do (the kernel took 13% longer with a burst per tile, 10% more with one per task)
+        int64_t ahead_task = task, ahead_first = first + 32;
+        if (ahead_first >= length) ahead_task = task + 1, ahead_first -= padded;
+        const bool ahead = ahead_task < end && ahead_first < lengths[ahead_task / kv_heads];
+        const char* keys_ahead = ahead ? reinterpret_cast<const char*>(key_tile(ahead_task, ahead_first)) : nullptr;
+        const char* values_ahead = ahead ? reinterpret_cast<const char*>(value_tile(ahead_task, ahead_first)) : nullptr;
+        // 1. scores; each line of keys is read once for all the query heads of this KV head
+        const scalar_t* keys = key_tile(task, first);
+        __m512 acc[GROUPS][ACCUMULATORS];
+        for (int g = 0; g < GROUPS; ++g)
+          for (int a = 0; a < ACCUMULATORS; ++a) acc[g][a] = _mm512_setzero_ps();
+        for (int64_t base = 0; base < lines; base += ACCUMULATORS) {
+#pragma GCC unroll 4
+          for (int a = 0; a < ACCUMULATORS; ++a) {  // unrolled, so the sums stay in registers
+            const int64_t line = base + a;
+            const scalar_t* source = keys + line * key_line_stride;
+            if (ahead) {
+              _mm_prefetch(keys_ahead + line * key_line_stride * sizeof(scalar_t), _MM_HINT_T0);
+              _mm_prefetch(values_ahead + line * 64, _MM_HINT_T0);  // (value lines: as many as key lines)
             }
-            continue;
-          }
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              const __m512 k = _mm512_loadu_ps(source);
+              for (int g = 0; g < GROUPS; ++g) acc[g][a] = _mm512_fmadd_ps(_mm512_set1_ps(q[g][line]), k, acc[g][a]);
+            } else if constexpr (bf16_dot) {
+#if defined(__AVX512BF16__)
+              const __m512bh k = (__m512bh)_mm512_loadu_si512(source);
+              for (int g = 0; g < GROUPS; ++g) {
+                acc[g][a] = _mm512_dpbf16_ps(acc[g][a], (__m512bh)_mm512_set1_epi32(static_cast<int>(q_pairs[g][line])), k);
+              }
 #endif
-          __m512 key_v[VECTORS];
-          for (int v = 0; v < VECTORS; ++v) key_v[v] = load16(key + 16 * v);
-          for (int g = 0; g < GROUPS; ++g) {
-            __m512 acc = _mm512_mul_ps(q[g][0], key_v[0]);
-            for (int v = 1; v < VECTORS; ++v) acc = _mm512_fmadd_ps(q[g][v], key_v[v], acc);
-            products[g][k] = acc;
+            } else {  // bfloat16 without AVX512-BF16: widen each pair's two halves to float32
+              const __m512i k = _mm512_loadu_si512(source);
+              const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(k, 16));
+              const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(k, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+              for (int g = 0; g < GROUPS; ++g) {
+                acc[g][a] = _mm512_fmadd_ps(_mm512_set1_ps(q[g][2 * line]), even, acc[g][a]);
+                acc[g][a] = _mm512_fmadd_ps(_mm512_set1_ps(q[g][2 * line + 1]), odd, acc[g][a]);
+              }
+            }
           }
         }
+        // 2. softmax numerators against the running peak; masked lanes give exactly 0
         const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+        alignas(64) float weights[GROUPS][16];
         for (int g = 0; g < GROUPS; ++g) {
-          // (bfloat16 dot products leave the scale for here; the float path folded it into q)
-          const __m512 dots = bf16_dot ? _mm512_mul_ps(sum_each(products[g]), scale_v) : sum_each(products[g]);
-          const __m512 tile = _mm512_mask_mov_ps(minus_infinity, valid, dots);
-          _mm512_storeu_ps(scores.data() + g * padded + first, tile);
-          peaks[g] = _mm512_max_ps(peaks[g], tile);
+          __m512 dots = acc[g][0];
+          for (int a = 1; a < ACCUMULATORS; ++a) dots = _mm512_add_ps(dots, acc[g][a]);
+          if constexpr (bf16_dot) dots = _mm512_mul_ps(dots, _mm512_set1_ps(scale_f));  // raw pairs: scale here
+          const float tile_peak = _mm512_reduce_max_ps(_mm512_mask_mov_ps(minus_infinity, valid, dots));
+          if (tile_peak > peaks[g]) {
+            const __m512 shrink = _mm512_set1_ps(std::exp(peaks[g] - tile_peak));  // 0 for the first tile
+            for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_mul_ps(sums[g][v], shrink);
+            totals[g] = _mm512_mul_ps(totals[g], shrink);
+            peaks[g] = tile_peak;
+          }
+          const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(dots, _mm512_set1_ps(peaks[g]))));
+          totals[g] = _mm512_add_ps(totals[g], e);
+          _mm512_store_ps(weights[g], e);
         }
-      }
-      // 2. softmax numerators in place; the division by their total waits for the output
-      float inverse_totals[GROUPS];
-      for (int g = 0; g < GROUPS; ++g) {
-        const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(peaks[g]));
-        float* s = scores.data() + g * padded;
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t t = 0; t < padded; t += 16) {
-          const __m512 tile = _mm512_loadu_ps(s + t);
-          // masked lanes (-inf) give exactly 0, not the polynomial's e^-87
-          const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(tile, minus_infinity, _CMP_NEQ_OQ),
-                                               exp_nonpositive(_mm512_sub_ps(tile, peak)));
-          _mm512_storeu_ps(s + t, e);
-          total = _mm512_add_ps(total, e);
-        }
-        inverse_totals[g] = 1.0f / _mm512_reduce_add_ps(total);
-      }
-      // 3. weighted sums of the value rows, each read once for all the query heads
-      for (int64_t first = 0; first < length; first += 16) {
-        const int64_t count = std::min<int64_t>(16, length - first);
-        if (first + 16 < length) {
-          prefetch_tile(value_data + tile_start(first + 16), std::min<int64_t>(16, length - first - 16), slot_stride, row_bytes, _MM_HINT_T0);
-        }
-        const scalar_t* values = value_data + tile_start(first);
+        // 3. the tile's value rows, each read once for all the query heads, added with those weights
+        const scalar_t* values = value_tile(task, first);
         for (int64_t k = 0; k < count; ++k) {
-          const scalar_t* value = values + k * slot_stride;
           __m512 value_v[VECTORS];
-          for (int v = 0; v < VECTORS; ++v) value_v[v] = load16(value + 16 * v);
+          for (int v = 0; v < VECTORS; ++v) value_v[v] = load16(values + k * head_dim + 16 * v);
           for (int g = 0; g < GROUPS; ++g) {
-            const __m512 weight = _mm512_set1_ps(scores[g * padded + first + k]);
+            const __m512 weight = _mm512_set1_ps(weights[g][k]);
             for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_fmadd_ps(weight, value_v[v], sums[g][v]);
           }
         }
       }
+      float inverse_totals[GROUPS];
+      for (int g = 0; g < GROUPS; ++g) inverse_totals[g] = 1.0f / _mm512_reduce_add_ps(totals[g]);
       for (int g = 0; g < GROUPS; ++g) {
         alignas(64) float out[head_dim];
         const __m512 inverse = _mm512_set1_ps(inverse_totals[g]);
@@ -254,9 +259,9 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
 template <typename scalar_t, int VECTORS>
 void attend_simd_groups(int64_t groups, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
-                        at::Tensor& output, int64_t block_size, double scale) {
+                        at::Tensor& output, double scale) {
 #define CHATKV_GROUPS(G) \
-  case G: attend_simd<scalar_t, G, VECTORS>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
+  case G: attend_simd<scalar_t, G, VECTORS>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
   switch (groups) {
     CHATKV_GROUPS(1) CHATKV_GROUPS(2) CHATKV_GROUPS(3) CHATKV_GROUPS(4) CHATKV_GROUPS(5) CHATKV_GROUPS(6) CHATKV_GROUPS(7) CHATKV_GROUPS(8)
     default: TORCH_CHECK(false, "unsupported query heads per KV head: ", groups);
@@ -267,53 +272,128 @@ void attend_simd_groups(int64_t groups, const at::Tensor& query, const at::Tenso
 template <typename scalar_t>
 void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
             const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
-            at::Tensor& output, int64_t block_size, double scale) {
+            at::Tensor& output, double scale) {
   const int64_t groups = query.size(1) / key_cache.size(1);
   switch (query.size(2)) {
-    case 16: attend_simd_groups<scalar_t, 1>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
-    case 32: attend_simd_groups<scalar_t, 2>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
-    case 64: attend_simd_groups<scalar_t, 4>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
-    default: attend_simd_groups<scalar_t, 8>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale); return;
+    case 16: attend_simd_groups<scalar_t, 1>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
+    case 32: attend_simd_groups<scalar_t, 2>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
+    case 64: attend_simd_groups<scalar_t, 4>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
+    default: attend_simd_groups<scalar_t, 8>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
   }
 }
 #endif
 
 // query [T, heads, head_dim] (any strides within a row: the packed step's transposed view);
-// key_cache, value_cache [slots, kv_heads, head_dim] contiguous; block_tables int64 [n, width];
+// key_cache [blocks, kv_heads, head_dim / pack, block_size, pack] and value_cache [blocks, kv_heads,
+// block_size, head_dim], both contiguous (pack = 1 for float32, 2 for bfloat16); block_tables int64 [n, width];
 // context_lens int64 [n] (keys each sequence attends over, its new token included);
 // query_rows int64 [n] (each sequence's row in query and output); output [T, heads, head_dim] contiguous.
 void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                             const at::Tensor& block_tables, const at::Tensor& context_lens,
-                            const at::Tensor& query_rows, at::Tensor output, int64_t block_size, double scale) {
+                            const at::Tensor& query_rows, at::Tensor output, double scale) {
   TORCH_CHECK(query.device().is_cpu(), "paged_decode_attention runs on the CPU");
+  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16,
+              "paged_decode_attention supports float32 and bfloat16, not ", query.scalar_type());
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && query.scalar_type() == value_cache.scalar_type() &&
+                  output.scalar_type() == query.scalar_type(),
+              "query, caches and output must share one dtype");
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [T, heads, head_dim] with unit last stride");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "the KV caches must be contiguous");
   TORCH_CHECK(output.is_contiguous() && output.sizes() == query.sizes(), "output must be contiguous, shaped like query");
-  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && output.scalar_type() == query.scalar_type(),
-              "query, caches and output must share one dtype");
+  const int64_t pack = 4 / query.element_size(), head_dim = query.size(2);
+  TORCH_CHECK(key_cache.dim() == 5 && key_cache.size(2) * pack == head_dim && key_cache.size(4) == pack,
+              "key_cache must be [blocks, kv_heads, head_dim / ", pack, ", block_size, ", pack, "]");
+  const int64_t blocks = key_cache.size(0), kv_heads = key_cache.size(1), block_size = key_cache.size(3);
+  TORCH_CHECK(value_cache.dim() == 4 && value_cache.size(0) == blocks && value_cache.size(1) == kv_heads &&
+                  value_cache.size(2) == block_size && value_cache.size(3) == head_dim,
+              "value_cache must be [blocks, kv_heads, block_size, head_dim], the key cache's blocks");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
                   query_rows.scalar_type() == at::kLong && block_tables.is_contiguous(),
               "block tables, lengths and rows must be contiguous int64");
-  TORCH_CHECK(supported(query.size(1), key_cache.size(1), query.size(2), block_size),
+  TORCH_CHECK(supported(query.size(1), kv_heads, head_dim, block_size),
               "paged_decode_attention does not serve these shapes (see paged_decode_supported)");
   TORCH_CHECK(context_lens.numel() == block_tables.size(0) && query_rows.numel() == block_tables.size(0),
               "one length and one query row per block table");
   const int64_t* lengths = context_lens.data_ptr<int64_t>();
   const int64_t* rows = query_rows.data_ptr<int64_t>();
-  for (int64_t i = 0; i < block_tables.size(0); ++i) {  // every read stays inside the tables, the rows inside query
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t i = 0; i < block_tables.size(0); ++i) {  // every read stays inside the pool, the rows inside query
     TORCH_CHECK(lengths[i] >= 1 && lengths[i] <= block_tables.size(1) * block_size, "sequence ", i,
                 " attends over ", lengths[i], " keys, beyond its block table");
     TORCH_CHECK(rows[i] >= 0 && rows[i] < query.size(0), "query row ", rows[i], " is outside the query");
+    for (int64_t b = 0; b < (lengths[i] + block_size - 1) / block_size; ++b) {
+      const int64_t block = tables[i * block_tables.size(1) + b];
+      TORCH_CHECK(block >= 0 && block < blocks, "sequence ", i, " names block ", block, ", outside the pool");
+    }
   }
 #if defined(__AVX512F__)
   if (query.scalar_type() == at::kFloat) {
-    attend<float>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
+    attend<float>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale);
   } else if (query.scalar_type() == at::kBFloat16) {
-    attend<c10::BFloat16>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, block_size, scale);
-  } else {
-    TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, not ", query.scalar_type());
+    attend<c10::BFloat16>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale);
   }
 #endif
+}
+
+// Store a step's new keys and values in the pool's layout: key, value [T, kv_heads, head_dim] (unit last
+// stride), caches as paged_decode_attention takes them, slots int64 [T] (slot = block * block_size +
+// position in the block). The same bits kv_blocks.write_tokens stores with torch's index_copy_, at a
+// fraction of its cost for the few rows of a decode step (~6 us a layer instead of ~25-45).
+// Bits are copied, never converted. A key is read as 32-bit words (one float32 dimension, or a pair of
+// bfloat16 dimensions), each stored on its own line of the block; a value row is copied whole.
+template <typename element_t>
+void write_bits(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
+                const int64_t* slots) {
+  constexpr int64_t pack = 4 / sizeof(element_t);
+  const int64_t tokens = key.size(0), kv_heads = key.size(1), head_dim = key.size(2);
+  const int64_t block_size = key_cache.size(3), words = head_dim / pack, run = block_size * head_dim;
+  const element_t* key_data = static_cast<const element_t*>(key.data_ptr());
+  const element_t* value_data = static_cast<const element_t*>(value.data_ptr());
+  uint32_t* key_words = static_cast<uint32_t*>(key_cache.data_ptr());
+  element_t* values = static_cast<element_t*>(value_cache.data_ptr());
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const element_t* k = key_data + t * key.stride(0) + h * key.stride(1);
+      const element_t* v = value_data + t * value.stride(0) + h * value.stride(1);
+      const int64_t start = (block * kv_heads + h) * run;  // this head's part of the block, in elements
+      uint32_t* key_run = key_words + start / pack + offset;
+      for (int64_t w = 0; w < words; ++w) {
+        uint32_t word;
+        std::memcpy(&word, k + w * pack, sizeof(word));
+        key_run[w * block_size] = word;
+      }
+      std::memcpy(values + start + offset * head_dim, v, head_dim * sizeof(element_t));
+    }
+  }
+}
+
+void paged_kv_write(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache, at::Tensor value_cache,
+                    const at::Tensor& slots) {
+  TORCH_CHECK(key.device().is_cpu(), "paged_kv_write runs on the CPU");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type() && key.scalar_type() == key_cache.scalar_type() &&
+                  key.scalar_type() == value_cache.scalar_type(),
+              "keys, values and caches must share one dtype");
+  TORCH_CHECK(key.element_size() == 2 || key.element_size() == 4, "paged_kv_write stores 16- and 32-bit elements");
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.stride(2) == 1 && value.stride(2) == 1,
+              "key and value must be [T, kv_heads, head_dim] with unit last stride");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "the KV caches must be contiguous");
+  const int64_t pack = 4 / key.element_size(), head_dim = key.size(2), kv_heads = key.size(1);
+  TORCH_CHECK(key_cache.dim() == 5 && key_cache.size(1) == kv_heads && key_cache.size(2) * pack == head_dim &&
+                  key_cache.size(4) == pack,
+              "key_cache must be [blocks, kv_heads, head_dim / ", pack, ", block_size, ", pack, "]");
+  const int64_t blocks = key_cache.size(0), block_size = key_cache.size(3);
+  TORCH_CHECK(value_cache.dim() == 4 && value_cache.size(0) == blocks && value_cache.size(1) == kv_heads &&
+                  value_cache.size(2) == block_size && value_cache.size(3) == head_dim,
+              "value_cache must be [blocks, kv_heads, block_size, head_dim], the key cache's blocks");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == key.size(0),
+              "slots must be contiguous int64, one per token");
+  const int64_t* slot_data = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.numel(); ++t) {
+    TORCH_CHECK(slot_data[t] >= 0 && slot_data[t] < blocks * block_size, "slot ", slot_data[t], " is outside the pool");
+  }
+  if (key.element_size() == 2) write_bits<uint16_t>(key, value, key_cache, value_cache, slot_data);
+  else write_bits<uint32_t>(key, value, key_cache, value_cache, slot_data);
 }
 
 bool paged_decode_supported(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size) {
@@ -324,8 +404,12 @@ bool paged_decode_supported(int64_t heads, int64_t kv_heads, int64_t head_dim, i
 
 TORCH_LIBRARY_FRAGMENT(chatkv, m) {
   m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-        "Tensor context_lens, Tensor query_rows, Tensor(a!) output, int block_size, float scale) -> ()");
+        "Tensor context_lens, Tensor query_rows, Tensor(a!) output, float scale) -> ()");
   m.def("paged_decode_supported(int heads, int kv_heads, int head_dim, int block_size) -> bool", paged_decode_supported);
+  m.def("paged_kv_write(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slots) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(chatkv, CPU, m) { m.impl("paged_decode_attention", paged_decode_attention); }
+TORCH_LIBRARY_IMPL(chatkv, CPU, m) {
+  m.impl("paged_decode_attention", paged_decode_attention);
+  m.impl("paged_kv_write", paged_kv_write);
+}
