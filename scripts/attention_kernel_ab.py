@@ -4,8 +4,8 @@
 
 The variant (default: the kernel's own source, which measures the noise) is built under another op
 namespace (``chatkvb``) beside chatkv's kernels; both then attend the same 30 layers of SmolLM2's shape
-(9 query heads, 3 KV heads, head_dim 64), 16 sequences of 150-230 tokens in shuffled 16-token blocks,
-one thread, 25 rounds taking turns. ``--hot`` reuses one layer's keys and values for all 30 calls, so
+(9 query heads, 3 KV heads, head_dim 64), 16 sequences of 150-230 tokens in shuffled 16-token blocks
+laid out as the pool lays them out (``chatkv.engine.kv_blocks``), one thread, 25 rounds taking turns. ``--hot`` reuses one layer's keys and values for all 30 calls, so
 they stay in cache: how much of the time is memory and how much the kernel's own arithmetic. Prints
 the median per 30-layer step and the K/V bytes read per second.
 """
@@ -22,6 +22,7 @@ import torch
 from torch.utils import cpp_extension
 
 from chatkv import kernels
+from chatkv.engine.kv_blocks import KvLayout, layer_caches
 
 LAYERS, SEQUENCES, BLOCK, KV_HEADS, HEADS, HEAD_DIM = 30, 16, 16, 3, 9, 64
 
@@ -58,14 +59,16 @@ def main() -> None:
     width = max(blocks)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
     context_lens, rows = torch.tensor(lengths, dtype=torch.long), torch.arange(SEQUENCES)
-    pool = torch.randn(1 if args.hot else LAYERS, 2, sum(blocks) * BLOCK, KV_HEADS, HEAD_DIM).bfloat16()
+    layout = KvLayout(1 if args.hot else LAYERS, KV_HEADS, HEAD_DIM)
+    pool = torch.randn(layout.pool_shape(sum(blocks), BLOCK)).bfloat16()
+    caches = layer_caches(pool, BLOCK)
     query = torch.randn(SEQUENCES, HEADS, HEAD_DIM).bfloat16()
     output = torch.empty_like(query)
 
     def step(op) -> None:
         for layer in range(LAYERS):
-            cache = pool[0 if args.hot else layer]
-            op(query, cache[0], cache[1], block_tables, context_lens, rows, output, BLOCK, HEAD_DIM**-0.5)
+            keys, values = caches[0 if args.hot else layer]
+            op(query, keys, values, block_tables, context_lens, rows, output, HEAD_DIM**-0.5)
 
     times: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(26):
