@@ -5,8 +5,8 @@ linear layers run once over all of them; attention (``attend``: called by the le
 through ``packed_attention``, registered with transformers' ``AttentionInterface``, by the stock
 modules) does, per layer:
 
-1. write the step's keys and values (RoPE already applied) into their pool slots, one ``index_copy_``
-   each (``kv_blocks``: how a block arranges them);
+1. write the step's keys and values (RoPE already applied) into their pool slots (``kv_blocks``: how a
+   block arranges them): one call of the ``paged_kv_write`` kernel on the CPU, else one ``index_copy_`` each;
 2. decode tokens (one query per session), on the CPU: one call of the paged decode kernel
    (``paged_decode.cpp``), which reads each session's keys and values in place through its block
    table;
@@ -30,6 +30,7 @@ model object stays a stock transformers model for them, even while the engine ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -91,13 +92,12 @@ class PackedStep:
 
     kv: torch.Tensor  # the pool: [layers, 2, blocks, kv_heads, block_size * head_dim] (see kv_blocks)
     block_size: int
-    slot_mapping: torch.Tensor  # int64 [T]: the pool slot each new token's K/V goes to
     batches: list[AttentionBatch]
     segments: list[Segment]
     decode_rows: DecodeRows | None = None
     decode_kernel: Callable | None = None
-    kv_write: Callable | None = None  # paged_kernel.kv_write_kernel(): stores the new tokens' K/V at slot_mapping
-    write_rows: WriteRows | None = None  # where the new tokens' K/V go without kv_write
+    # stores the new tokens' K/V: store_kv(key_cache, value_cache, key, value), caches as in layer_caches
+    store_kv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer: kv_blocks.layer_caches
 
     @classmethod
@@ -113,19 +113,21 @@ class PackedStep:
             positions = torch.arange(segment.past, segment.past + segment.length)
             table = torch.tensor(segment.block_table, dtype=torch.long)
             slot_parts.append(table[positions // block_size] * block_size + positions % block_size)
-        slot_mapping = torch.cat(slot_parts).to(device)  # slot = block * block_size + offset
-        write_rows = None
-        if kv_write is None or device.type != "cpu":
-            kv_write, head_dim = None, kv.shape[4] // block_size
-            write_rows = WriteRows.for_slots(slot_mapping, kv.shape[3], head_dim, block_size, key_pack(kv.dtype))
+        slot_mapping = torch.cat(slot_parts).to(device)  # int64 [T]: slot = block * block_size + offset
+        if kv_write is not None and device.type == "cpu":
+            def store_kv(key_cache, value_cache, key, value):
+                kv_write(key, value, key_cache, value_cache, slot_mapping)
+        else:
+            rows = WriteRows.for_slots(slot_mapping, kv.shape[3], kv.shape[4] // block_size, block_size, key_pack(kv.dtype))
+            store_kv = partial(write_tokens, rows=rows)
         decode = [s for s in segments if s.length == 1]
         prefill = [s for s in segments if s.length > 1]
         decode_rows = None
         if decode and decode_kernel is not None and device.type == "cpu" and kv.dtype in KERNEL_DTYPES:
             decode_rows, decode = _decode_rows(decode, block_size), []
         batches = [_batch(group, block_size, mask_dtype, device) for group in (decode, prefill) if group]
-        return cls(kv, block_size, slot_mapping, batches, segments, decode_rows, decode_kernel if decode_rows else None,
-                   kv_write, write_rows, layer_caches(kv, block_size))
+        return cls(kv, block_size, batches, segments, decode_rows, decode_kernel if decode_rows else None,
+                   store_kv, layer_caches(kv, block_size))
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -216,10 +218,7 @@ def attend(
         )
         return attended[0]
     key_cache, value_cache = step.layer_caches[module.layer_idx]  # see kv_blocks.layer_caches
-    if step.kv_write is not None:
-        step.kv_write(key, value, key_cache, value_cache, step.slot_mapping)
-    else:
-        write_tokens(key_cache, value_cache, step.write_rows, key, value)
+    step.store_kv(key_cache, value_cache, key, value)
     total, heads, head_dim = query.shape
     kv_heads = value_cache.shape[1]
     groups = heads // kv_heads

@@ -46,20 +46,22 @@ def layer_caches(pool: torch.Tensor, block_size: int) -> list[tuple[torch.Tensor
 
     Made per step rather than kept: views held on the pool would keep a grown-out-of pool alive.
     """
-    layers, _, blocks, kv_heads, run = pool.shape
-    head_dim, pack = run // block_size, key_pack(pool.dtype)
-    caches = pool.unbind(0)
-    return [
-        (kv[0].view(blocks, kv_heads, head_dim // pack, block_size, pack),
-         kv[1].view(blocks, kv_heads, block_size, head_dim))
-        for kv in caches
-    ]
+    return [_as_blocks(kv[0], kv[1], block_size) for kv in pool.unbind(0)]
+
+
+def _as_blocks(keys: torch.Tensor, values: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of ``[..., blocks, kv_heads, block_size * head_dim]`` runs in the key and the value layout."""
+    *outer, blocks, kv_heads, run = keys.shape
+    head_dim, pack = run // block_size, key_pack(keys.dtype)
+    return (keys.view(*outer, blocks, kv_heads, head_dim // pack, block_size, pack),
+            values.view(*outer, blocks, kv_heads, block_size, head_dim))
 
 
 @dataclass(frozen=True)
 class WriteRows:
-    """Where tokens' K/V go in one layer's caches: int64 ``[tokens * kv_heads * head_dim]`` element indices
-    into each cache's flat view (``keys``, ``values``), in the order of a ``[tokens, kv_heads, head_dim]`` input."""
+    """Where tokens' K/V go in one layer's caches, in the order of a ``[tokens, kv_heads, head_dim]`` input:
+    ``keys``, int64 ``[tokens * kv_heads * head_dim]`` elements of the key cache's flat view; ``values``,
+    int64 ``[tokens * kv_heads]`` rows of ``head_dim`` elements of the value cache."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -73,15 +75,16 @@ class WriteRows:
         dim = torch.arange(head_dim, device=device).view(1, 1, -1)
         run = (block * kv_heads + head) * (block_size * head_dim)  # [tokens, kv_heads, 1]: where the head's run starts
         keys = run + ((dim // pack) * block_size + offset) * pack + dim % pack
-        values = run + offset * head_dim + dim  # rows stay whole
+        values = (block * kv_heads + head) * block_size + offset
         return cls(keys.flatten(), values.flatten())
 
 
-def write_tokens(key_cache: torch.Tensor, value_cache: torch.Tensor, rows: WriteRows,
-                 key: torch.Tensor, value: torch.Tensor) -> None:
+def write_tokens(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 rows: WriteRows) -> None:
     """Store ``key`` and ``value`` (each ``[tokens, kv_heads, head_dim]``, any strides) where ``rows`` says."""
+    head_dim = value.shape[-1]
     key_cache.view(-1).index_copy_(0, rows.keys, key.reshape(-1))
-    value_cache.view(-1).index_copy_(0, rows.values, value.reshape(-1))
+    value_cache.view(-1, head_dim).index_copy_(0, rows.values, value.reshape(-1, head_dim))
 
 
 def keys_as_tokens(keys: torch.Tensor) -> torch.Tensor:
@@ -102,10 +105,6 @@ def values_as_tokens(values: torch.Tensor) -> torch.Tensor:
 def read_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int, tokens: int) -> torch.Tensor:
     """The first ``tokens`` positions held by ``block_ids`` (in position order), token-major:
     ``[layers, 2, kv_heads, tokens, head_dim]`` (a copy)."""
-    layers, _, _, kv_heads, run = pool.shape
-    head_dim, pack = run // block_size, key_pack(pool.dtype)
     blocks = pool.index_select(2, block_ids)  # [layers, 2, n, kv_heads, run]
-    n = blocks.shape[2]
-    keys = keys_as_tokens(blocks[:, 0].reshape(layers, n, kv_heads, head_dim // pack, block_size, pack))
-    values = values_as_tokens(blocks[:, 1].reshape(layers, n, kv_heads, block_size, head_dim))
-    return torch.stack([keys[:, :, :tokens], values[:, :, :tokens]], dim=1)
+    keys, values = _as_blocks(blocks[:, 0], blocks[:, 1], block_size)
+    return torch.stack([keys_as_tokens(keys)[:, :, :tokens], values_as_tokens(values)[:, :, :tokens]], dim=1)

@@ -174,7 +174,7 @@ class KvStore:
         rows = WriteRows.for_slots(slots, self.layout.kv_heads, self.layout.head_dim, self.block_size, key_pack(self.dtype))
         kv = kv.to(device=self.device, dtype=self.dtype)
         for layer, (keys, values) in enumerate(layer_caches(self.kv, self.block_size)):
-            write_tokens(keys, values, rows, kv[layer, 0].transpose(0, 1), kv[layer, 1].transpose(0, 1))
+            write_tokens(keys, values, kv[layer, 0].transpose(0, 1), kv[layer, 1].transpose(0, 1), rows)
 
     def match_prefix(self, token_ids: Sequence[int], limit: int) -> list[int]:
         """Ids of pooled blocks holding the longest run of full blocks that starts ``token_ids[:limit]``."""

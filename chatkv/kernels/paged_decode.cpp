@@ -244,11 +244,9 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
           }
         }
       }
-      float inverse_totals[GROUPS];
-      for (int g = 0; g < GROUPS; ++g) inverse_totals[g] = 1.0f / _mm512_reduce_add_ps(totals[g]);
       for (int g = 0; g < GROUPS; ++g) {
         alignas(64) float out[head_dim];
-        const __m512 inverse = _mm512_set1_ps(inverse_totals[g]);
+        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(totals[g]));
         for (int v = 0; v < VECTORS; ++v) _mm512_store_ps(out + 16 * v, _mm512_mul_ps(sums[g][v], inverse));
         store_row(out, output_data + (query_row * heads + kv_head * GROUPS + g) * head_dim, head_dim);
       }
