@@ -56,23 +56,33 @@ def test_kernel_matches_attention_over_each_sequence(kernel, dtype, head_dim, he
     rng = random.Random(head_dim * heads)
     generator = torch.Generator().manual_seed(heads)
     lengths = [1, 15, 16, 17, 33, 200]
-    blocks = 64
+    blocks = 96
     key_cache = torch.randn(blocks * BLOCK, kv_heads, head_dim, generator=generator).to(dtype)
     value_cache = torch.randn(blocks * BLOCK, kv_heads, head_dim, generator=generator).to(dtype)
     width = max(-(-n // BLOCK) for n in lengths)
-    tables = torch.tensor([rng.sample(range(blocks), width) for _ in lengths])  # scattered, as in a busy pool
+    scattered = rng.sample(range(blocks), width * len(lengths))  # as in a busy pool; no block in two tables
+    tables = torch.tensor(scattered).view(len(lengths), width)
     total = len(lengths) + 3  # the decode rows sit among other rows of the packed step, out of order
     rows = torch.tensor(rng.sample(range(total), len(lengths)))
     # the engine hands the query as a transposed view of [heads, T, head_dim]
     query = (torch.randn(heads, total, head_dim, generator=generator) * 3).to(dtype).transpose(0, 1)
     output = torch.zeros(total, heads, head_dim, dtype=dtype)
     scale = head_dim**-0.5
-    kernel(query, *in_blocks(key_cache, value_cache), tables, torch.tensor(lengths), rows, output, scale)
+    # each token's own key and value arrive with the query; its slot in the pool is blank until the kernel stores it
+    own_slots = [table[(n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK for table, n in zip(tables.tolist(), lengths)]
+    new_keys = torch.randn(total, kv_heads, head_dim, generator=generator).to(dtype)
+    new_values = torch.randn(total, kv_heads, head_dim, generator=generator).to(dtype)
+    new_keys[rows], new_values[rows] = key_cache[own_slots], value_cache[own_slots]
+    pool_keys, pool_values = in_blocks(key_cache.index_fill(0, torch.tensor(own_slots), 0),
+                                       value_cache.index_fill(0, torch.tensor(own_slots), 0))
+    kernel(query, new_keys, new_values, pool_keys, pool_values, tables, torch.tensor(lengths), rows, output, scale)
     expected = reference(query, key_cache, value_cache, tables, torch.tensor(lengths), rows, scale)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(output[rows].float(), expected[rows], atol=tolerance, rtol=tolerance)
     untouched = [r for r in range(total) if r not in rows.tolist()]
     assert not output[untouched].any(), "rows that are not decode rows must be left alone"
+    stored_keys, stored_values = in_blocks(key_cache, value_cache)  # the new tokens stored, bit for bit, nothing else
+    assert torch.equal(pool_keys, stored_keys) and torch.equal(pool_values, stored_values)
 
 
 def test_kernel_says_which_shapes_it_serves_and_the_engine_falls_back_for_the_rest(kernel):
@@ -82,31 +92,33 @@ def test_kernel_says_which_shapes_it_serves_and_the_engine_falls_back_for_the_re
     for heads, kv_heads, head_dim, block in [(6, 2, 24, 16), (9, 1, 64, 16), (9, 3, 64, 8), (9, 3, 96, 16)]:
         op, reason = decode_kernel_for(heads, kv_heads, head_dim, block)
         assert op is None and f"head_dim {head_dim}" in reason
-        query = torch.zeros(1, heads, head_dim)
+        query, key = torch.zeros(1, heads, head_dim), torch.zeros(1, kv_heads, head_dim)
         one = torch.ones(1, dtype=torch.long)
         with pytest.raises(RuntimeError, match="does not serve these shapes"):
-            kernel(query, *blank_caches(1, kv_heads, head_dim, block), torch.zeros(1, 1, dtype=torch.long), one, one - 1,
-                   query.clone(), 0.125)
+            kernel(query, key, key, *blank_caches(1, kv_heads, head_dim, block), torch.zeros(1, 1, dtype=torch.long), one,
+                   one - 1, query.clone(), 0.125)
 
 
 def test_kernel_refuses_what_it_cannot_read(kernel):
     keys, values = blank_caches(1, 1, 64)
-    query = torch.zeros(1, 2, 64)
+    query, new = torch.zeros(1, 2, 64), torch.zeros(1, 1, 64)
     one = torch.ones(1, dtype=torch.long)
     table = torch.zeros(1, 1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="float32 and bfloat16"):
-        kernel(query.half(), keys.half(), values.half(), table, one, one - 1, query.half(), 0.125)
+        kernel(query.half(), new.half(), new.half(), keys.half(), values.half(), table, one, one - 1, query.half(), 0.125)
     with pytest.raises(RuntimeError, match="contiguous"):
         strided = blank_caches(2, 2, 64)[0][:, :1]  # one head of a two-head cache: not contiguous
-        kernel(query, strided, values, table, one, one - 1, query, 0.125)
+        kernel(query, new, new, strided, values, table, one, one - 1, query, 0.125)
     with pytest.raises(RuntimeError, match="key_cache must be"):  # token-major keys, the layout of old pools
-        kernel(query, torch.zeros(BLOCK, 1, 64), values, table, one, one - 1, query.clone(), 0.125)
+        kernel(query, new, new, torch.zeros(BLOCK, 1, 64), values, table, one, one - 1, query.clone(), 0.125)
+    with pytest.raises(RuntimeError, match="KV heads"):  # the new keys must have the caches' heads
+        kernel(query, torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), keys, values, table, one, one - 1, query.clone(), 0.125)
     with pytest.raises(RuntimeError, match="beyond its block table"):  # 17 keys, one 16-token block
-        kernel(query, keys, values, table, one * 17, one - 1, query.clone(), 0.125)
+        kernel(query, new, new, keys, values, table, one * 17, one - 1, query.clone(), 0.125)
     with pytest.raises(RuntimeError, match="outside the query"):
-        kernel(query, keys, values, table, one, one, query.clone(), 0.125)
+        kernel(query, new, new, keys, values, table, one, one, query.clone(), 0.125)
     with pytest.raises(RuntimeError, match="outside the pool"):
-        kernel(query, keys, values, table + 1, one, one - 1, query.clone(), 0.125)
+        kernel(query, new, new, keys, values, table + 1, one, one - 1, query.clone(), 0.125)
 
 
 def test_step_gives_decode_rows_to_the_kernel_and_falls_back_without_it(kernel):
@@ -136,3 +148,45 @@ def test_a_built_step_leaves_no_reference_to_its_pool_behind():
     del pool, step
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_op_stores_the_bits_torch_stores_and_skips_the_rows_the_kernel_stores(kernel, dtype):
+    from chatkv.engine.kv_blocks import WriteRows, write_tokens
+
+    generator = torch.Generator().manual_seed(7)
+    key = torch.randn(6, 3, 4, 64, generator=generator).to(dtype)[:, :, 1]  # strided rows, as the step hands them
+    value = torch.randn(6, 3, 64, generator=generator).to(dtype)
+    slots = torch.tensor([5, 17, -1, 40, 41, -1])  # -1: a decode row, stored by the decode kernel
+    stored = [0, 1, 3, 4]
+    by_torch = blank_caches(4, 3, 64, dtype=dtype)
+    write_tokens(*by_torch, key[stored], value[stored], WriteRows.for_slots(slots[stored], 3, 64, BLOCK, 4 // key.element_size()))
+    by_op = blank_caches(4, 3, 64, dtype=dtype)
+    torch.ops.chatkv.paged_kv_write(key, value, *by_op, slots)
+    assert torch.equal(by_op[0], by_torch[0]) and torch.equal(by_op[1], by_torch[1])
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        torch.ops.chatkv.paged_kv_write(key, value, *by_op, slots - 1)  # -2 is no slot
+
+
+@pytest.mark.parametrize("with_kernel", [True, False])
+def test_a_mixed_step_stores_every_row_once_whoever_attends_it(kernel, with_kernel):
+    """Decode rows stored by the kernel, the prefill chunk by the write op (or all by torch without the kernel)."""
+    from chatkv.engine.attention import PackedStep, Segment, attend
+    from chatkv.engine.kv_blocks import read_blocks
+    from chatkv.engine.paged_kernel import kv_write_kernel
+
+    pool = torch.zeros(1, 2, 6, 3, BLOCK * 64)  # one layer, six blocks, SmolLM2's heads
+    segments = [Segment([0, 1], start=0, length=1, past=20), Segment([2], start=1, length=5, past=0),
+                Segment([3], start=6, length=1, past=3)]
+    step = PackedStep.build(pool, segments, BLOCK, torch.float32, kernel if with_kernel else None,
+                            kv_write_kernel() if with_kernel else None)
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(7, 9, 64, generator=generator)
+    key, value = torch.randn(7, 3, 64, generator=generator), torch.randn(7, 3, 64, generator=generator)
+    module = type("Layer", (), {"layer_idx": 0})()
+    attend(module, query, key, value, None, step)
+    for segment in segments:
+        got = read_blocks(pool, torch.tensor(segment.block_table), BLOCK, segment.past + segment.length)[0]
+        new = slice(segment.start, segment.start + segment.length)
+        assert torch.equal(got[0, :, segment.past:], key[new].transpose(0, 1))
+        assert torch.equal(got[1, :, segment.past:], value[new].transpose(0, 1))

@@ -5,11 +5,11 @@ linear layers run once over all of them; attention (``attend``: called by the le
 through ``packed_attention``, registered with transformers' ``AttentionInterface``, by the stock
 modules) does, per layer:
 
-1. write the step's keys and values (RoPE already applied) into their pool slots (``kv_blocks``: how a
-   block arranges them): one call of the ``paged_kv_write`` kernel on the CPU, else one ``index_copy_`` each;
-2. decode tokens (one query per session), on the CPU: one call of the paged decode kernel
-   (``paged_decode.cpp``), which reads each session's keys and values in place through its block
-   table;
+1. decode tokens (one query per session), on the CPU: one call of the paged decode kernel
+   (``paged_decode.cpp``), which stores each token's key and value (RoPE already applied) in its pool
+   slot, then reads each session's keys and values in place through its block table;
+2. the other rows' keys and values go into their pool slots (``kv_blocks``: how a block arranges them):
+   one call of the ``paged_kv_write`` kernel on the CPU, else one ``index_copy_`` each;
 3. prefill chunks (and decode tokens where the kernel is not available: CUDA, no compiler, a shape
    it does not serve): gather each session's blocks of keys and values through its block table into
    a padded batch (one ``index_select`` over whole blocks, then one reordering copy to token-major;
@@ -30,7 +30,6 @@ model object stays a stock transformers model for them, even while the engine ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable
 
 import torch
@@ -95,8 +94,9 @@ class PackedStep:
     batches: list[AttentionBatch]
     segments: list[Segment]
     decode_rows: DecodeRows | None = None
-    decode_kernel: Callable | None = None
-    # stores the new tokens' K/V: store_kv(key_cache, value_cache, key, value), caches as in layer_caches
+    decode_kernel: Callable | None = None  # stores and attends the decode rows
+    # stores the K/V of the rows the decode kernel does not take: store_kv(key_cache, value_cache, key, value),
+    # caches as in layer_caches; None when it takes them all
     store_kv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer: kv_blocks.layer_caches
 
@@ -105,32 +105,50 @@ class PackedStep:
         cls, kv: torch.Tensor, segments: list[Segment], block_size: int, mask_dtype: torch.dtype,
         decode_kernel: Callable | None = None, kv_write: Callable | None = None,
     ) -> "PackedStep":
-        """Indices and masks for ``segments``; ``decode_kernel`` (``paged_kernel.decode_kernel()``) takes the decode
-        rows, ``kv_write`` (``paged_kernel.kv_write_kernel()``, CPU only) stores the step's K/V."""
+        """Indices and masks for ``segments``; ``decode_kernel`` (``paged_kernel.decode_kernel()``) stores and attends
+        the decode rows, ``kv_write`` (``paged_kernel.kv_write_kernel()``, CPU only) stores the other rows' K/V."""
         device = kv.device
-        slot_parts = []
-        for segment in segments:
-            positions = torch.arange(segment.past, segment.past + segment.length)
-            table = torch.tensor(segment.block_table, dtype=torch.long)
-            slot_parts.append(table[positions // block_size] * block_size + positions % block_size)
-        slot_mapping = torch.cat(slot_parts).to(device)  # int64 [T]: slot = block * block_size + offset
-        if kv_write is not None and device.type == "cpu":
-            def store_kv(key_cache, value_cache, key, value):
-                kv_write(key, value, key_cache, value_cache, slot_mapping)
-        else:
-            rows = WriteRows.for_slots(slot_mapping, kv.shape[3], kv.shape[4] // block_size, block_size, key_pack(kv.dtype))
-            store_kv = partial(write_tokens, rows=rows)
         decode = [s for s in segments if s.length == 1]
         prefill = [s for s in segments if s.length > 1]
         decode_rows = None
         if decode and decode_kernel is not None and device.type == "cpu" and kv.dtype in KERNEL_DTYPES:
             decode_rows, decode = _decode_rows(decode, block_size), []
         batches = [_batch(group, block_size, mask_dtype, device) for group in (decode, prefill) if group]
+        store_kv = _kv_store(kv, segments, decode_rows, block_size, kv_write)
         return cls(kv, block_size, batches, segments, decode_rows, decode_kernel if decode_rows else None,
                    store_kv, layer_caches(kv, block_size))
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _kv_store(kv: torch.Tensor, segments: list[Segment], kernel_rows: DecodeRows | None, block_size: int,
+              kv_write: Callable | None) -> Callable | None:
+    """``store_kv`` for the packed rows the decode kernel does not store (None if it stores them all)."""
+    slots = []
+    for segment in segments:
+        positions = torch.arange(segment.past, segment.past + segment.length)
+        table = torch.tensor(segment.block_table, dtype=torch.long)
+        slots.append(table[positions // block_size] * block_size + positions % block_size)
+    slot_mapping = torch.cat(slots)  # int64 [T]: slot = block * block_size + offset, in packed order
+    if kernel_rows is not None:
+        slot_mapping[kernel_rows.query_rows] = -1  # the kernel stores these
+        if bool((slot_mapping < 0).all()):
+            return None
+    slot_mapping = slot_mapping.to(kv.device)
+    if kv_write is not None and kv.device.type == "cpu":
+        def store(key_cache, value_cache, key, value):
+            kv_write(key, value, key_cache, value_cache, slot_mapping)  # skips the slots of -1
+        return store
+    keep = (slot_mapping >= 0).nonzero().squeeze(1)
+    write_rows = WriteRows.for_slots(slot_mapping[keep], kv.shape[3], kv.shape[4] // block_size, block_size, key_pack(kv.dtype))
+    keep = None if len(keep) == len(slot_mapping) else keep
+
+    def store_tokens(key_cache, value_cache, key, value):
+        if keep is not None:
+            key, value = key.index_select(0, keep), value.index_select(0, keep)
+        write_tokens(key_cache, value_cache, key, value, write_rows)
+    return store_tokens
 
 
 def _padded_block_tables(segments: list[Segment], block_size: int) -> torch.Tensor:
@@ -218,7 +236,8 @@ def attend(
         )
         return attended[0]
     key_cache, value_cache = step.layer_caches[module.layer_idx]  # see kv_blocks.layer_caches
-    step.store_kv(key_cache, value_cache, key, value)
+    if step.store_kv is not None:
+        step.store_kv(key_cache, value_cache, key, value)
     total, heads, head_dim = query.shape
     kv_heads = value_cache.shape[1]
     groups = heads // kv_heads
@@ -226,7 +245,7 @@ def attend(
     if step.decode_rows is not None:
         rows = step.decode_rows
         step.decode_kernel(
-            query, key_cache, value_cache, rows.block_tables, rows.context_lens, rows.query_rows,
+            query, key, value, key_cache, value_cache, rows.block_tables, rows.context_lens, rows.query_rows,
             output, scaling if scaling is not None else head_dim**-0.5,
         )
     if not step.batches:

@@ -2,9 +2,11 @@
 //
 // One query token per sequence attends over that sequence's cached keys and values, found through its
 // block table; nothing is gathered into a padded copy first. Work is split over (sequence, KV head)
-// pairs; each pair reads its keys and values once, for all the query heads that share that KV head
-// (grouped-query attention), in one pass (online softmax). Scores, softmax and sums are float32 whatever
-// the pool's dtype; the softmax uses a polynomial exp (relative error ~2e-7).
+// pairs; each pair first stores the token's own key and value in the pool (with keys dimension-major,
+// one token's key touches every line of its tile: as a separate op that write cost ~1 ms of a 16-session
+// step, on lines the attention reads anyway), then reads its keys and values once, for all the query
+// heads that share that KV head (grouped-query attention), in one pass (online softmax). Scores, softmax and sums are float32
+// whatever the pool's dtype; the softmax uses a polynomial exp (relative error ~2e-7).
 //
 // The key layout is what makes the scores cheap. Within a block, one KV head's keys are stored
 // dimension-major: [head_dim / pack, block_size, pack], pack = 1 for float32 and 2 for bfloat16 (a pair
@@ -47,24 +49,72 @@ bool supported(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_
 #endif
 }
 
+// One call's tensors, as paged_decode_attention takes them (shapes there)
+struct DecodeCall {
+  const at::Tensor &query, &key, &value, &key_cache, &value_cache, &block_tables, &context_lens, &query_rows;
+  at::Tensor& output;
+  double scale;
+};
+
 #if defined(__AVX512F__)
 inline void store_row(const float* source, float* target, int64_t n) { std::memcpy(target, source, n * sizeof(float)); }
 
-inline void store_row(const float* source, c10::BFloat16* target, int64_t n) {
+inline void store_row(const float* source, c10::BFloat16* target, int64_t n) {  // n: a multiple of 16
+#if defined(__AVX512BF16__)
+  for (int64_t i = 0; i < n; i += 16) {  // round to nearest even, as c10::BFloat16 does
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(target + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(source + i)));
+  }
+#else
   for (int64_t i = 0; i < n; ++i) target[i] = c10::BFloat16(source[i]);  // round to nearest even
-}
-
-inline __m512 load16(const float* source) { return _mm512_loadu_ps(source); }
-
-inline __m512 load16(const c10::BFloat16* source) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+#endif
 }
 
 // Dimensions per 32-bit element of the key layout: keys are stored so that 16 consecutive keys of one
 // (pair of) dimension(s) fill one 64-byte line (see the layout at the top of the file)
 template <typename scalar_t>
 constexpr int64_t key_pack() { return 4 / static_cast<int64_t>(sizeof(scalar_t)); }
+
+// Whether a value row is widened a line at a time: a bfloat16 line of 32 dimensions gives its even
+// dimensions (each 16-bit half shifted up) and its odd ones (the low half cleared) as two float32
+// vectors, one instruction each, and the weighted sums keep that order until the end (values_in_order).
+template <typename scalar_t, int VECTORS>
+constexpr bool values_by_pairs() { return std::is_same_v<scalar_t, c10::BFloat16> && VECTORS % 2 == 0; }
+
+// One token's value row as VECTORS float32 vectors, in the order the weighted sums keep: dimension order,
+// or for values_by_pairs, per line of 32 dimensions its even dimensions and then its odd ones
+template <typename scalar_t, int VECTORS>
+inline void load_values(const scalar_t* row, __m512 (&out)[VECTORS]) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int v = 0; v < VECTORS; ++v) out[v] = _mm512_loadu_ps(row + 16 * v);
+  } else if constexpr (values_by_pairs<scalar_t, VECTORS>()) {
+    const __m512i high_halves = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int line = 0; line < VECTORS / 2; ++line) {
+      const __m512i bits = _mm512_loadu_si512(row + 32 * line);
+      out[2 * line] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+      out[2 * line + 1] = _mm512_castsi512_ps(_mm512_and_si512(bits, high_halves));
+    }
+  } else {
+    for (int v = 0; v < VECTORS; ++v) {
+      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * v));
+      out[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+  }
+}
+
+// Weighted sums kept in load_values' order, written out in dimension order
+template <typename scalar_t, int VECTORS>
+inline void values_in_order(const __m512 (&sums)[VECTORS], float* out) {
+  if constexpr (values_by_pairs<scalar_t, VECTORS>()) {
+    const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int line = 0; line < VECTORS / 2; ++line) {
+      _mm512_storeu_ps(out + 32 * line, _mm512_permutex2var_ps(sums[2 * line], low, sums[2 * line + 1]));
+      _mm512_storeu_ps(out + 32 * line + 16, _mm512_permutex2var_ps(sums[2 * line], high, sums[2 * line + 1]));
+    }
+  } else {
+    for (int v = 0; v < VECTORS; ++v) _mm512_storeu_ps(out + 16 * v, sums[v]);
+  }
+}
 
 // e^x for x <= 0 (scores minus their maximum); below -87 (and -inf) it gives e^-87, about 1e-38, so callers
 // mask the lanes that must be exactly 0
@@ -86,13 +136,10 @@ inline __m512 exp_nonpositive(__m512 x) {
 // Ask for ``rows`` lines of 64 bytes, ``stride`` elements apart, before they are needed: blocks lie anywhere
 // in the pool, so the hardware prefetcher cannot guess the next one.
 template <typename scalar_t>
-inline void prefetch_rows(const scalar_t* first, int64_t rows, int64_t stride, int64_t row_bytes, int hint) {
+inline void prefetch_rows(const scalar_t* first, int64_t rows, int64_t stride, int64_t row_bytes) {
   for (int64_t k = 0; k < rows; ++k) {
     const char* row = reinterpret_cast<const char*>(first + k * stride);
-    for (int64_t line = 0; line < row_bytes; line += 64) {
-      if (hint == _MM_HINT_T0) _mm_prefetch(row + line, _MM_HINT_T0);
-      else _mm_prefetch(row + line, _MM_HINT_T1);
-    }
+    for (int64_t line = 0; line < row_bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
   }
 }
 
@@ -103,9 +150,8 @@ inline void prefetch_rows(const scalar_t* first, int64_t rows, int64_t stride, i
 constexpr int ACCUMULATORS = 4;
 
 template <typename scalar_t, int GROUPS, int VECTORS>  // VECTORS = head_dim / 16
-void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                 const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
-                 at::Tensor& output, double scale) {
+void attend_simd(const DecodeCall& call) {
+  const at::Tensor &query = call.query, &key_cache = call.key_cache, &block_tables = call.block_tables;
   constexpr int64_t head_dim = VECTORS * 16;
   constexpr int64_t pack = key_pack<scalar_t>();  // dimensions per 32-bit key element
   constexpr int64_t lines = head_dim / pack;  // 64-byte lines per tile of keys
@@ -124,13 +170,15 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
   const int64_t key_line_stride = block_size * pack;  // elements from one line of a tile to the next
   const int64_t tile_bytes = 16 * head_dim * sizeof(scalar_t);  // one KV head's keys (or values) of 16 positions
   const scalar_t* query_data = query.data_ptr<scalar_t>();
-  const scalar_t* key_data = key_cache.data_ptr<scalar_t>();
-  const scalar_t* value_data = value_cache.data_ptr<scalar_t>();
+  const scalar_t* new_keys = call.key.data_ptr<scalar_t>();
+  const scalar_t* new_values = call.value.data_ptr<scalar_t>();
+  scalar_t* key_data = key_cache.data_ptr<scalar_t>();
+  scalar_t* value_data = call.value_cache.data_ptr<scalar_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lengths = context_lens.data_ptr<int64_t>();
-  const int64_t* rows = query_rows.data_ptr<int64_t>();
-  scalar_t* output_data = output.data_ptr<scalar_t>();
-  const float scale_f = static_cast<float>(scale);
+  const int64_t* lengths = call.context_lens.data_ptr<int64_t>();
+  const int64_t* rows = call.query_rows.data_ptr<int64_t>();
+  scalar_t* output_data = call.output.data_ptr<scalar_t>();
+  const float scale_f = static_cast<float>(call.scale);
 
   at::parallel_for(0, sequences * kv_heads, 1, [&](int64_t begin, int64_t end) {
     // where a task's tile of 16 keys (and of their values) starts; tiles never straddle a block (block_size
@@ -145,14 +193,23 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
       return value_data + (block_of(task, first) * block_size + first % block_size) * head_dim;
     };
     for (int64_t ahead = 0; ahead < std::min<int64_t>(32, lengths[begin / kv_heads]); ahead += 16) {
-      prefetch_rows(key_tile(begin, ahead), lines, key_line_stride, 64, _MM_HINT_T0);
-      prefetch_rows(value_tile(begin, ahead), tile_bytes / 64, 64 / sizeof(scalar_t), 64, _MM_HINT_T0);
+      prefetch_rows(key_tile(begin, ahead), lines, key_line_stride, 64);
+      prefetch_rows(value_tile(begin, ahead), tile_bytes / 64, 64 / sizeof(scalar_t), 64);
     }
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sequence = task / kv_heads, kv_head = task % kv_heads;
       const int64_t length = lengths[sequence];
       const int64_t padded = (length + 15) / 16 * 16;
       const int64_t query_row = rows[sequence];
+      // The token's own key and value go into the pool first, into the last tile this task reads. The
+      // stores drain while the first tiles are read, and that tile's lines are in cache when it comes.
+      {
+        const scalar_t* key = new_keys + query_row * call.key.stride(0) + kv_head * call.key.stride(1);
+        scalar_t* key_slot = key_tile(task, length - 1);
+        for (int64_t line = 0; line < lines; ++line) std::memcpy(key_slot + line * key_line_stride, key + line * pack, 4);
+        const scalar_t* value = new_values + query_row * call.value.stride(0) + kv_head * call.value.stride(1);
+        std::memcpy(value_tile(task, length - 1), value, head_dim * sizeof(scalar_t));
+      }
       // the queries as the scores loop broadcasts them: scaled float32 dimensions, or raw bfloat16 pairs
       alignas(64) float q[GROUPS][head_dim];
       alignas(64) uint32_t q_pairs[GROUPS][head_dim / 2];
@@ -233,21 +290,35 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
           totals[g] = _mm512_add_ps(totals[g], e);
           _mm512_store_ps(weights[g], e);
         }
-        // 3. the tile's value rows, each read once for all the query heads, added with those weights
+        // 3. the tile's value rows, each read once for all the query heads, added with those weights. A whole
+        // tile is unrolled: in a loop GCC stores every sum back to the stack after each row. (The empty asm
+        // hides what the weights are, so each is broadcast from memory, a load; GCC would otherwise permute
+        // it out of the vector it stored, an instruction on the ports the sums need.)
         const scalar_t* values = value_tile(task, first);
-        for (int64_t k = 0; k < count; ++k) {
+        const float* weight_of = weights[0];
+        asm("" : "+r"(weight_of));
+        auto add_row = [&](int64_t k) {
           __m512 value_v[VECTORS];
-          for (int v = 0; v < VECTORS; ++v) value_v[v] = load16(values + k * head_dim + 16 * v);
+          load_values<scalar_t, VECTORS>(values + k * head_dim, value_v);
+#pragma GCC unroll 8
           for (int g = 0; g < GROUPS; ++g) {
-            const __m512 weight = _mm512_set1_ps(weights[g][k]);
+            const __m512 weight = _mm512_set1_ps(weight_of[g * 16 + k]);
+#pragma GCC unroll 8
             for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_fmadd_ps(weight, value_v[v], sums[g][v]);
           }
+        };
+        if (count == 16) {
+#pragma GCC unroll 16
+          for (int k = 0; k < 16; ++k) add_row(k);
+        } else {
+          for (int64_t k = 0; k < count; ++k) add_row(k);
         }
       }
       for (int g = 0; g < GROUPS; ++g) {
         alignas(64) float out[head_dim];
         const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(totals[g]));
-        for (int v = 0; v < VECTORS; ++v) _mm512_store_ps(out + 16 * v, _mm512_mul_ps(sums[g][v], inverse));
+        for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_mul_ps(sums[g][v], inverse);
+        values_in_order<scalar_t, VECTORS>(sums[g], out);
         store_row(out, output_data + (query_row * heads + kv_head * GROUPS + g) * head_dim, head_dim);
       }
     }
@@ -255,40 +326,39 @@ void attend_simd(const at::Tensor& query, const at::Tensor& key_cache, const at:
 }
 
 template <typename scalar_t, int VECTORS>
-void attend_simd_groups(int64_t groups, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                        const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
-                        at::Tensor& output, double scale) {
+void attend_simd_groups(const DecodeCall& call) {
 #define CHATKV_GROUPS(G) \
-  case G: attend_simd<scalar_t, G, VECTORS>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
-  switch (groups) {
+  case G: attend_simd<scalar_t, G, VECTORS>(call); return;
+  switch (call.query.size(1) / call.key_cache.size(1)) {
     CHATKV_GROUPS(1) CHATKV_GROUPS(2) CHATKV_GROUPS(3) CHATKV_GROUPS(4) CHATKV_GROUPS(5) CHATKV_GROUPS(6) CHATKV_GROUPS(7) CHATKV_GROUPS(8)
-    default: TORCH_CHECK(false, "unsupported query heads per KV head: ", groups);
+    default: TORCH_CHECK(false, "unsupported query heads per KV head: ", call.query.size(1) / call.key_cache.size(1));
   }
 #undef CHATKV_GROUPS
 }
 
 template <typename scalar_t>
-void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-            const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_rows,
-            at::Tensor& output, double scale) {
-  const int64_t groups = query.size(1) / key_cache.size(1);
-  switch (query.size(2)) {
-    case 16: attend_simd_groups<scalar_t, 1>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
-    case 32: attend_simd_groups<scalar_t, 2>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
-    case 64: attend_simd_groups<scalar_t, 4>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
-    default: attend_simd_groups<scalar_t, 8>(groups, query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale); return;
+void attend(const DecodeCall& call) {
+  switch (call.query.size(2)) {
+    case 16: attend_simd_groups<scalar_t, 1>(call); return;
+    case 32: attend_simd_groups<scalar_t, 2>(call); return;
+    case 64: attend_simd_groups<scalar_t, 4>(call); return;
+    default: attend_simd_groups<scalar_t, 8>(call); return;
   }
 }
 #endif
 
-// query [T, heads, head_dim] (any strides within a row: the packed step's transposed view);
-// key_cache [blocks, kv_heads, head_dim / pack, block_size, pack] and value_cache [blocks, kv_heads,
-// block_size, head_dim], both contiguous (pack = 1 for float32, 2 for bfloat16); block_tables int64 [n, width];
-// context_lens int64 [n] (keys each sequence attends over, its new token included);
-// query_rows int64 [n] (each sequence's row in query and output); output [T, heads, head_dim] contiguous.
-void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                            const at::Tensor& block_tables, const at::Tensor& context_lens,
-                            const at::Tensor& query_rows, at::Tensor output, double scale) {
+// Stores each decode token's key and value in the pool, then attends it over its sequence, itself included.
+// query [T, heads, head_dim] and key, value [T, kv_heads, head_dim]: the step's packed rows (any strides
+// within a row: the packed step's transposed views); key_cache [blocks, kv_heads, head_dim / pack,
+// block_size, pack] and value_cache [blocks, kv_heads, block_size, head_dim], both contiguous (pack = 1 for
+// float32, 2 for bfloat16); block_tables int64 [n, width]; context_lens int64 [n] (keys each sequence attends
+// over, its new token included: that token's key and value are stored at position context_lens - 1);
+// query_rows int64 [n] (each sequence's row in query, key, value and output); output [T, heads, head_dim]
+// contiguous. Rows not named in query_rows are neither stored nor attended.
+void paged_decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, const at::Tensor& query_rows, at::Tensor output,
+                            double scale) {
   TORCH_CHECK(query.device().is_cpu(), "paged_decode_attention runs on the CPU");
   TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16,
               "paged_decode_attention supports float32 and bfloat16, not ", query.scalar_type());
@@ -296,6 +366,11 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
                   output.scalar_type() == query.scalar_type(),
               "query, caches and output must share one dtype");
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [T, heads, head_dim] with unit last stride");
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
+              "key and value must have the query's dtype");
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.size(0) == query.size(0) &&
+                  key.size(2) == query.size(2) && key.stride(2) == 1 && value.stride(2) == 1,
+              "key and value must be [T, kv_heads, head_dim] like the query's rows, with unit last stride");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "the KV caches must be contiguous");
   TORCH_CHECK(output.is_contiguous() && output.sizes() == query.sizes(), "output must be contiguous, shaped like query");
   const int64_t pack = 4 / query.element_size(), head_dim = query.size(2);
@@ -305,6 +380,7 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
   TORCH_CHECK(value_cache.dim() == 4 && value_cache.size(0) == blocks && value_cache.size(1) == kv_heads &&
                   value_cache.size(2) == block_size && value_cache.size(3) == head_dim,
               "value_cache must be [blocks, kv_heads, block_size, head_dim], the key cache's blocks");
+  TORCH_CHECK(key.size(1) == kv_heads, "key and value must have the caches' ", kv_heads, " KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
                   query_rows.scalar_type() == at::kLong && block_tables.is_contiguous(),
               "block tables, lengths and rows must be contiguous int64");
@@ -325,20 +401,19 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache
     }
   }
 #if defined(__AVX512F__)
-  if (query.scalar_type() == at::kFloat) {
-    attend<float>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale);
-  } else if (query.scalar_type() == at::kBFloat16) {
-    attend<c10::BFloat16>(query, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale);
-  }
+  const DecodeCall call{query, key, value, key_cache, value_cache, block_tables, context_lens, query_rows, output, scale};
+  if (query.scalar_type() == at::kFloat) attend<float>(call);
+  else if (query.scalar_type() == at::kBFloat16) attend<c10::BFloat16>(call);
 #endif
 }
 
 // Store a step's new keys and values in the pool's layout: key, value [T, kv_heads, head_dim] (unit last
 // stride), caches as paged_decode_attention takes them, slots int64 [T] (slot = block * block_size +
-// position in the block). The same bits kv_blocks.write_tokens stores with torch's index_copy_, at a
-// fraction of its cost for the few rows of a decode step (~6 us a layer instead of ~25-45).
-// Bits are copied, never converted. A key is read as 32-bit words (one float32 dimension, or a pair of
-// bfloat16 dimensions), each stored on its own line of the block; a value row is copied whole.
+// position in the block; -1: a row this op skips, one the decode kernel stores). The same bits
+// kv_blocks.write_tokens stores with torch's index_copy_, at a fraction of its cost (0.3 ms a layer for
+// a 2,400-token prefill chunk). Bits are copied, never converted. A key is read as 32-bit words (one
+// float32 dimension, or a pair of bfloat16 dimensions), each stored on its own line of the block; a value
+// row is copied whole.
 template <typename element_t>
 void write_bits(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
                 const int64_t* slots) {
@@ -350,6 +425,7 @@ void write_bits(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_
   uint32_t* key_words = static_cast<uint32_t*>(key_cache.data_ptr());
   element_t* values = static_cast<element_t*>(value_cache.data_ptr());
   for (int64_t t = 0; t < tokens; ++t) {
+    if (slots[t] < 0) continue;  // a row stored elsewhere (the decode kernel stores its own)
     const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
     for (int64_t h = 0; h < kv_heads; ++h) {
       const element_t* k = key_data + t * key.stride(0) + h * key.stride(1);
@@ -388,7 +464,7 @@ void paged_kv_write(const at::Tensor& key, const at::Tensor& value, at::Tensor k
               "slots must be contiguous int64, one per token");
   const int64_t* slot_data = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < slots.numel(); ++t) {
-    TORCH_CHECK(slot_data[t] >= 0 && slot_data[t] < blocks * block_size, "slot ", slot_data[t], " is outside the pool");
+    TORCH_CHECK(slot_data[t] >= -1 && slot_data[t] < blocks * block_size, "slot ", slot_data[t], " is outside the pool");
   }
   if (key.element_size() == 2) write_bits<uint16_t>(key, value, key_cache, value_cache, slot_data);
   else write_bits<uint32_t>(key, value, key_cache, value_cache, slot_data);
@@ -401,8 +477,8 @@ bool paged_decode_supported(int64_t heads, int64_t kv_heads, int64_t head_dim, i
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(chatkv, m) {
-  m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-        "Tensor context_lens, Tensor query_rows, Tensor(a!) output, float scale) -> ()");
+  m.def("paged_decode_attention(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor block_tables, Tensor context_lens, Tensor query_rows, Tensor(c!) output, float scale) -> ()");
   m.def("paged_decode_supported(int heads, int kv_heads, int head_dim, int block_size) -> bool", paged_decode_supported);
   m.def("paged_kv_write(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slots) -> ()");
 }
