@@ -5,7 +5,8 @@
 The variant (default: the kernel's own source, which measures the noise) is built under another op
 namespace (``chatkvb``) beside chatkv's kernels; both then attend the same 30 layers of SmolLM2's shape
 (9 query heads, 3 KV heads, head_dim 64), 16 sequences of 150-230 tokens in shuffled 16-token blocks
-laid out as the pool lays them out (``chatkv.engine.kv_blocks``), one thread, 25 rounds taking turns. ``--hot`` reuses one layer's keys and values for all 30 calls, so
+laid out as the pool lays them out (``chatkv.engine.kv_blocks``), each call storing the step's new keys
+and values as the engine's does, one thread, 25 rounds taking turns. ``--hot`` reuses one layer's keys and values for all 30 calls, so
 they stay in cache: how much of the time is memory and how much the kernel's own arithmetic. Prints
 the median per 30-layer step and the K/V bytes read per second.
 """
@@ -13,6 +14,7 @@ the median per 30-layer step and the K/V bytes read per second.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import statistics
 import time
@@ -31,7 +33,7 @@ def build_variant(source: Path):
     text = source.read_text().replace("(chatkv,", "(chatkvb,")
     copy = Path(cpp_extension._get_build_directory("chatkv_variant", verbose=False)) / "variant.cpp"
     copy.write_text(text)
-    cpp_extension.load(name=f"chatkv_variant_{abs(hash(text)) % 10**8}", sources=[str(copy)],
+    cpp_extension.load(name=f"chatkv_variant_{hashlib.sha1(text.encode()).hexdigest()[:10]}", sources=[str(copy)],
                        extra_cflags=["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], is_python_module=False)
     return torch.ops.chatkvb.paged_decode_attention
@@ -62,13 +64,14 @@ def main() -> None:
     layout = KvLayout(1 if args.hot else LAYERS, KV_HEADS, HEAD_DIM)
     pool = torch.randn(layout.pool_shape(sum(blocks), BLOCK)).bfloat16()
     caches = layer_caches(pool, BLOCK)
-    query = torch.randn(SEQUENCES, HEADS, HEAD_DIM).bfloat16()
-    output = torch.empty_like(query)
+    packed = torch.randn(SEQUENCES, HEADS + 2 * KV_HEADS, HEAD_DIM).bfloat16()  # the step's rows, as the model makes them
+    query, new_keys, new_values = packed[:, :HEADS], packed[:, HEADS : HEADS + KV_HEADS], packed[:, HEADS + KV_HEADS :]
+    output = torch.empty(SEQUENCES, HEADS, HEAD_DIM, dtype=torch.bfloat16)
 
     def step(op) -> None:
         for layer in range(LAYERS):
             keys, values = caches[0 if args.hot else layer]
-            op(query, keys, values, block_tables, context_lens, rows, output, HEAD_DIM**-0.5)
+            op(query, new_keys, new_values, keys, values, block_tables, context_lens, rows, output, HEAD_DIM**-0.5)
 
     times: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(26):

@@ -200,9 +200,11 @@ void attend_simd(const DecodeCall& call) {
       // The token's own key and value go into the pool first, into the last tile this task reads. The
       // stores drain while the first tiles are read, and that tile's lines are in cache when it comes.
       {
-        const scalar_t* key = new_keys + query_row * call.key.stride(0) + kv_head * call.key.stride(1);
-        scalar_t* key_slot = key_tile(task, length - 1);
-        for (int64_t line = 0; line < lines; ++line) std::memcpy(key_slot + line * key_line_stride, key + line * pack, 4);
+        // (line_bytes is a copy: the stores may alias anything, so a captured value would be read again per line)
+        const int64_t line_bytes = key_line_stride * sizeof(scalar_t);
+        const char* key = reinterpret_cast<const char*>(new_keys + query_row * call.key.stride(0) + kv_head * call.key.stride(1));
+        char* key_slot = reinterpret_cast<char*>(key_tile(task, length - 1));
+        for (int64_t line = 0; line < lines; ++line) std::memcpy(key_slot + line * line_bytes, key + line * 4, 4);
         const scalar_t* value = new_values + query_row * call.value.stride(0) + kv_head * call.value.stride(1);
         std::memcpy(value_tile(task, length - 1), value, head_dim * sizeof(scalar_t));
       }
@@ -267,9 +269,11 @@ void attend_simd(const DecodeCall& call) {
           for (int a = 1; a < ACCUMULATORS; ++a) dots = _mm512_add_ps(dots, acc[g][a]);
           const float tile_peak = _mm512_reduce_max_ps(_mm512_mask_mov_ps(minus_infinity, valid, dots));
           if (tile_peak > peaks[g]) {
-            const __m512 shrink = _mm512_set1_ps(std::exp(peaks[g] - tile_peak));  // 0 for the first tile
-            for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_mul_ps(sums[g][v], shrink);
-            totals[g] = _mm512_mul_ps(totals[g], shrink);
+            if (first > 0) {  // (the first tile has no sums to scale down)
+              const __m512 shrink = _mm512_set1_ps(std::exp(peaks[g] - tile_peak));
+              for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_mul_ps(sums[g][v], shrink);
+              totals[g] = _mm512_mul_ps(totals[g], shrink);
+            }
             peaks[g] = tile_peak;
           }
           const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(dots, _mm512_set1_ps(peaks[g]))));
