@@ -267,8 +267,11 @@ void attend_simd(const DecodeCall& call) {
         for (int g = 0; g < GROUPS; ++g) {
           __m512 dots = acc[g][0];
           for (int a = 1; a < ACCUMULATORS; ++a) dots = _mm512_add_ps(dots, acc[g][a]);
-          const float tile_peak = _mm512_reduce_max_ps(_mm512_mask_mov_ps(minus_infinity, valid, dots));
-          if (tile_peak > peaks[g]) {
+          // a new peak only where some score is above the running one (after the first tiles, rarely): one
+          // comparison per tile, and the sixteen-lane maximum only then
+          const __m512 scores = _mm512_mask_mov_ps(minus_infinity, valid, dots);
+          if (_mm512_cmp_ps_mask(scores, _mm512_set1_ps(peaks[g]), _CMP_GT_OQ)) {
+            const float tile_peak = _mm512_reduce_max_ps(scores);
             if (first > 0) {  // (the first tile has no sums to scale down)
               const __m512 shrink = _mm512_set1_ps(std::exp(peaks[g] - tile_peak));
               for (int v = 0; v < VECTORS; ++v) sums[g][v] = _mm512_mul_ps(sums[g][v], shrink);
