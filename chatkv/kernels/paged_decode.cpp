@@ -5,8 +5,9 @@
 // pairs; each pair first stores the token's own key and value in the pool (with keys dimension-major,
 // one token's key touches every line of its tile: as a separate op that write cost ~1 ms of a 16-session
 // step, on lines the attention reads anyway), then reads its keys and values once, for all the query
-// heads that share that KV head (grouped-query attention), in one pass (online softmax). Scores, softmax and sums are float32
-// whatever the pool's dtype; the softmax uses a polynomial exp (relative error ~2e-7).
+// heads that share that KV head (grouped-query attention), in one pass (online softmax). Scores,
+// softmax and sums are float32 whatever the pool's dtype; the softmax uses a polynomial exp (relative
+// error ~2e-7).
 //
 // The key layout is what makes the scores cheap. Within a block, one KV head's keys are stored
 // dimension-major: [head_dim / pack, block_size, pack], pack = 1 for float32 and 2 for bfloat16 (a pair
