@@ -38,7 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from chatkv.engine.kv_blocks import WriteRows, key_pack, keys_as_tokens, layer_caches, values_as_tokens, write_tokens
+from chatkv.engine.kv_blocks import WriteRows, block_slots, key_pack, keys_as_tokens, layer_caches, values_as_tokens, write_tokens
 
 ATTENTION_NAME = "chatkv_packed"
 
@@ -125,12 +125,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 def _kv_store(kv: torch.Tensor, segments: list[Segment], kernel_rows: DecodeRows | None, block_size: int,
               kv_write: Callable | None) -> Callable | None:
     """``store_kv`` for the packed rows the decode kernel does not store (None if it stores them all)."""
-    slots = []
-    for segment in segments:
-        positions = torch.arange(segment.past, segment.past + segment.length)
-        table = torch.tensor(segment.block_table, dtype=torch.long)
-        slots.append(table[positions // block_size] * block_size + positions % block_size)
-    slot_mapping = torch.cat(slots)  # int64 [T]: slot = block * block_size + offset, in packed order
+    # int64 [T], in packed order
+    slot_mapping = torch.cat([block_slots(s.block_table, s.past, s.past + s.length, block_size) for s in segments])
     if kernel_rows is not None:
         slot_mapping[kernel_rows.query_rows] = -1  # the kernel stores these
         if bool((slot_mapping < 0).all()):

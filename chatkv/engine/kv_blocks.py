@@ -57,6 +57,14 @@ def _as_blocks(keys: torch.Tensor, values: torch.Tensor, block_size: int) -> tup
             values.view(*outer, blocks, kv_heads, block_size, head_dim))
 
 
+def block_slots(block_table: list[int], start: int, stop: int, block_size: int) -> torch.Tensor:
+    """Pool slots of positions ``[start, stop)`` of a sequence with ``block_table``: int64 ``[stop - start]``,
+    slot ``b * block_size + i`` being position ``i`` of block ``b``."""
+    positions = torch.arange(start, stop)
+    table = torch.tensor(block_table, dtype=torch.long)
+    return table[positions // block_size] * block_size + positions % block_size
+
+
 @dataclass(frozen=True)
 class WriteRows:
     """Where tokens' K/V go in one layer's caches, in the order of a ``[tokens, kv_heads, head_dim]`` input:

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 
 from chatkv.config import KvOptions
-from chatkv.engine.kv_blocks import KvLayout, WriteRows, key_pack, layer_caches, read_blocks, write_tokens
+from chatkv.engine.kv_blocks import KvLayout, WriteRows, block_slots, key_pack, layer_caches, read_blocks, write_tokens
 
 BLOCK_SIZE = 16  # tokens per block
 POOL_GROWTH = 1.5  # the pool tensor grows by this much when no block is free (never past the byte budget)
@@ -158,9 +158,7 @@ class KvStore:
 
     def slots(self, entry: SessionKv, start: int, stop: int) -> torch.Tensor:
         """Pool slots of the session's positions ``[start, stop)``: int64 ``[stop - start]``."""
-        positions = torch.arange(start, stop)
-        table = torch.tensor(entry.block_table, dtype=torch.long)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        return block_slots(entry.block_table, start, stop, self.block_size)
 
     def session_kv(self, entry: SessionKv) -> torch.Tensor:
         """A copy of the session's KV as ``[layers, 2, kv_heads, length, head_dim]`` (the snapshot layout)."""
