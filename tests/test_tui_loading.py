@@ -18,6 +18,7 @@ from chatkv.model.errors import ModelError
 from chatkv.paths import Paths
 from chatkv.runtime import LoadingEngine
 from chatkv.store import ConversationStore
+from chatkv.tui.launch import EngineNotes
 from chatkv.tui.app import AppOptions, make_app
 from stand_in_engine import StandInEngine
 from test_tui_app import SIZE, screen_text, wait_until
@@ -43,10 +44,9 @@ async def test_saved_chats_show_while_the_model_loads_and_a_message_sent_meanwhi
     store.save(conversation)
     store.save_state({"open_tabs": [conversation.id], "active_tab": conversation.id, "theme": "chatkv-dark"})
     release = threading.Event()
-    app = None
-    engine = LoadingEngine(held_load(release, StandInEngine(["It splits terminals."])),
-                           lambda error: app.call_from_thread(app.model_loaded, error))
-    app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    notes = EngineNotes()
+    engine = LoadingEngine(held_load(release, StandInEngine(["It splits terminals."])), notes.loaded)
+    app = notes.app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
     try:
         async with app.run_test(size=SIZE) as pilot:
             assert "A terminal multiplexer." in screen_text(app)  # readable before the model is there
@@ -65,10 +65,9 @@ async def test_saved_chats_show_while_the_model_loads_and_a_message_sent_meanwhi
 
 async def test_a_model_that_fails_to_load_is_reported_and_the_message_is_handed_back(store):
     release = threading.Event()
-    app = None
-    engine = LoadingEngine(held_load(release, ModelError("No such GGUF file: /nope.gguf")),
-                           lambda error: app.call_from_thread(app.model_loaded, error))
-    app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    notes = EngineNotes()
+    engine = LoadingEngine(held_load(release, ModelError("No such GGUF file: /nope.gguf")), notes.loaded)
+    app = notes.app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
     try:
         async with app.run_test(size=SIZE) as pilot:
             tab = app.chat_tabs.current
@@ -84,3 +83,38 @@ async def test_a_model_that_fails_to_load_is_reported_and_the_message_is_handed_
     finally:
         release.set()
         engine.close()
+
+
+async def test_engine_notes_and_progress_reach_the_app_before_it_runs_while_it_loads_and_after_it_quits(store, capsys):
+    # What a machine's first launch does: the engine builds its kernels and quantizes the model while the app
+    # runs, and says so from its own threads. The first message is typed before the model is ready.
+    release = threading.Event()
+    notes = EngineNotes()
+
+    def load():
+        notes("compiling chatkv's CPU kernels (once per machine, up to a minute)…")
+        notes.progress("Quantizing SmolLM2-135M-Instruct to int4 (once)…")
+        release.wait(30)
+        return StandInEngine(["Hello there."])
+
+    engine = LoadingEngine(load, notes.loaded)
+    app = notes.app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    notes("a note sent before the app runs")
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: "Quantizing" in app.sub_title)
+            notes_shown = [notification.message for notification in app._notifications]
+            assert notes_shown[-2:] == ["a note sent before the app runs",
+                                        "compiling chatkv's CPU kernels (once per machine, up to a minute)…"]
+            tab = app.chat_tabs.current
+            tab.prompt_input.load_text("Hi?")
+            await pilot.press("enter")
+            release.set()
+            await wait_until(pilot, lambda: not tab.generating)
+            assert tab.conversation.messages[-1].content == "Hello there."
+            assert "did not load" not in app.sub_title
+    finally:
+        release.set()
+        engine.close()
+    notes("a note sent after the app quit")  # the engine writes snapshots after the app has gone
+    assert "chatkv: a note sent after the app quit" in capsys.readouterr().err

@@ -13,7 +13,6 @@ from typing import Callable
 
 from textual import events
 from textual.app import App, ComposeResult
-from textual.command import CommandPalette
 from textual.containers import Horizontal
 from textual.screen import ModalScreen
 from textual.theme import Theme
@@ -26,7 +25,9 @@ from chatkv.engine.api import Sampling
 from chatkv.store import ConversationStore, StoreError
 from chatkv.tui.commands import ChatCommands, ThemeCommands
 from chatkv.tui.keys import APP_BINDINGS
+from chatkv.tui.relay import AppRelay
 from chatkv.tui.screens.confirm_close import CloseChoice, ConfirmCloseScreen
+from chatkv.tui.screens.dialog import ChatCommandPalette
 from chatkv.tui.screens.generation import GenerationScreen
 from chatkv.tui.screens.new_tab import NewTabRequest, NewTabScreen
 from chatkv.tui.screens.rename_tab import RenameTabScreen
@@ -94,7 +95,8 @@ class ChatApp(App[int]):
         self._stats_ticks = 0
         self._stats_toggled_by_user = False
         self._default_sampling: Sampling | None = None  # worked out on first use, again once the model is loaded
-        self._event_loop: asyncio.AbstractEventLoop | None = None
+        # notes and progress from the engine's and the loader's threads reach the app through this, and only this
+        self.relay = AppRelay()
         # told of every problem the user is shown (headless mode turns them into error events): (session id or None, message)
         self.problem_listeners: list[Callable[[str | None, str], None]] = []
         # set by the first uncaught error: the error, its log file, and the sessions whose KV to snapshot on the way out
@@ -114,7 +116,6 @@ class ChatApp(App[int]):
         yield Footer()
 
     async def on_mount(self) -> None:
-        self._event_loop = asyncio.get_running_loop()
         state = self.store.load_state(self.startup_notes)
         self._apply_theme(self.options.theme or state.get("theme") or self.settings.ui.theme)
         self.theme_changed_signal.subscribe(self, lambda _theme: self.save_layout())
@@ -125,11 +126,15 @@ class ChatApp(App[int]):
             self.notify(note, severity="warning", timeout=10)
         self.set_interval(STATS_REFRESH_SECONDS, self.refresh_stats)
         self.refresh_stats(force=True)
+        self.relay.open(asyncio.get_running_loop())
         if self.options.on_shown is not None:
             self.options.on_shown()
 
+    def on_unmount(self) -> None:
+        self.relay.close()
+
     def show_model_progress(self, message: str) -> None:
-        """While the model loads behind the app (terminal UI): its progress, in the title bar."""
+        """While the model loads behind the app (terminal UI): its progress, in the title bar (on the app's thread)."""
         self.sub_title = message
 
     def model_loaded(self, error: str | None) -> None:
@@ -446,9 +451,14 @@ class ChatApp(App[int]):
         self.stats_panel.display = not self.stats_panel.display
         self.refresh_stats(force=True)
 
+    def action_command_palette(self) -> None:
+        """Textual's palette, as a screen that is dismissed once (``chatkv.tui.screens.dialog``)."""
+        if self.use_command_palette and not ChatCommandPalette.is_open(self):
+            self.push_screen(ChatCommandPalette(id="--command-palette"))
+
     def search_themes(self) -> None:
         """The palette's 'Theme' command: Textual's theme list, with user theme names shown literally."""
-        self.push_screen(CommandPalette(providers=[ThemeCommands], placeholder="Search for themes…"))
+        self.push_screen(ChatCommandPalette(providers=[ThemeCommands], placeholder="Search for themes…"))
 
     async def action_save_snapshots(self) -> None:
         if getattr(self.engine, "models", None) is not None:  # a remote server (--backend) holds the KV
@@ -503,11 +513,8 @@ class ChatApp(App[int]):
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def report_from_engine(self, message: str) -> None:
-        """The engine's notes (a snapshot ignored, say) arrive on its thread; never block it on the UI."""
-        if self._event_loop is None:
-            self.startup_notes.append(message)
-        else:
-            self._event_loop.call_soon_threadsafe(self.notify, message, severity="warning", timeout=8)
+        """A note from the engine (a snapshot ignored, a kernel being built), on the app's thread (``self.relay``)."""
+        self.notify(message, severity="warning", timeout=8)
 
     async def server_models(self) -> list[str]:
         """A remote server's models for the palette (asked again if the server was not reachable before); [] locally."""

@@ -23,33 +23,31 @@ def say(message: str) -> None:
     print(f"chatkv: {message}", file=sys.stderr, flush=True)
 
 
-def call_in_app(app: ChatApp | None, method, *args) -> bool:
-    """Run ``method(*args)`` on the app's thread if the app is running; False if it is not (or closed meanwhile)."""
-    try:
-        if app is not None and app.is_running:
-            app.call_from_thread(method, *args)
-            return True
-    except RuntimeError:  # the app closed in between
-        pass
-    return False
-
-
 class EngineNotes:
-    """Sends the engine's notes (and the model's progress) to the app once it runs, to the terminal before and after."""
+    """The engine's notes, the model's progress and the end of the load: to the app through its relay while it
+    runs (or once it is mounted), to the terminal when there is no app (before it is made, after it quits)."""
 
     def __init__(self) -> None:
         self.app: ChatApp | None = None
 
-    def __call__(self, message: str) -> None:
+    def _post(self, show, text: str | None) -> None:
         app = self.app
-        if app is not None and app.is_running:
-            app.report_from_engine(message)
-        else:
-            say(message)
+        fallback = (lambda: say(text)) if text else None
+        if app is None:
+            if fallback is not None:
+                fallback()
+            return
+        app.relay.post(lambda: show(app), fallback)
+
+    def __call__(self, message: str) -> None:
+        self._post(lambda app: app.report_from_engine(message), message)
 
     def progress(self, message: str) -> None:
-        if self.app is None or not call_in_app(self.app, self.app.show_model_progress, message):
-            say(message)
+        self._post(lambda app: app.show_model_progress(message), message)
+
+    def loaded(self, error: str | None) -> None:
+        """The load ended (``error`` None) or failed with a message for the user."""
+        self._post(lambda app: app.model_loaded(error), error)
 
 
 def run_tui(context) -> int:
@@ -71,23 +69,17 @@ def run_tui(context) -> int:
         except ModelError as exc:
             say(str(exc))
             return 1
-        app: ChatApp | None = None
 
         def load():
             return start_engine(settings, paths, models_dir, notes.progress, notes)
 
-        def done(error: str | None) -> None:
-            if (app is None or not call_in_app(app, app.model_loaded, error)) and error:
-                say(error)
-
-        engine = LoadingEngine(load, done)
+        engine = LoadingEngine(load, notes.loaded)
         # the load starts once the app shows, so its progress reaches the title bar
         options = AppOptions(new_tab=args.new, theme=args.theme, on_shown=engine.start)
         app = make_app(settings, engine, ConversationStore(paths), paths.user_themes, options)
         notes.app = app
         try:
             code = app.run()
-            notes.app = None
             if app.crash is not None:
                 snapshot_after_crash(engine, app.crash_session_ids)
                 say(crash_summary(app.crash, app.crash_log))
@@ -111,7 +103,6 @@ def _run_with_server(context) -> int:
             app.startup_notes.extend(runtime.notes)
             notes.app = app
             code = app.run()
-            notes.app = None
             if app.crash is not None:
                 snapshot_after_crash(runtime.engine, app.crash_session_ids)
                 say(crash_summary(app.crash, app.crash_log))

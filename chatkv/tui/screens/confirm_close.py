@@ -8,8 +8,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
-from textual.screen import ModalScreen
 from textual.widgets import Button, Static
+
+from chatkv.tui.screens.dialog import Dialog
 
 CLOSE_EXPLAINED = ("Closing keeps the conversation saved: reopen it from the command palette (Ctrl+P, \"Reopen\"). "
                    "Deleting removes it and its KV snapshot.")
@@ -20,7 +21,7 @@ class CloseChoice(Enum):
     DELETE = "delete"
 
 
-class ConfirmCloseScreen(ModalScreen[CloseChoice | None]):
+class ConfirmCloseScreen(Dialog[CloseChoice | None]):
     DEFAULT_CSS = """
     ConfirmCloseScreen { align: center middle; }
     ConfirmCloseScreen > Vertical {

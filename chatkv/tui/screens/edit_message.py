@@ -6,13 +6,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
-from textual.screen import ModalScreen
 from textual.widgets import Label
 
+from chatkv.tui.screens.dialog import Dialog
 from chatkv.tui.widgets.prompt_input import PromptInput
 
 
-class EditMessageScreen(ModalScreen[str | None]):
+class EditMessageScreen(Dialog[str | None]):
     """Dismisses with the edited text (Enter), or None when cancelled (Esc) or left blank."""
 
     DEFAULT_CSS = """

@@ -5,11 +5,12 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Input, Label
 
+from chatkv.tui.screens.dialog import Dialog
 
-class RenameTabScreen(ModalScreen[str | None]):
+
+class RenameTabScreen(Dialog[str | None]):
     """Dismisses with the new name, or None when cancelled or left blank."""
 
     DEFAULT_CSS = """

@@ -9,17 +9,17 @@ from __future__ import annotations
 from typing import Generic, TypeVar
 
 from textual.content import Content
-from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label
 
 from chatkv.engine.api import Sampling
 from chatkv.tui.keys import NEW_TAB_DIALOG_BINDINGS
+from chatkv.tui.screens.dialog import Dialog
 from chatkv.tui.widgets.sampling_form import SamplingForm
 
 ResultType = TypeVar("ResultType")
 
 
-class SamplingDialog(ModalScreen[ResultType | None], Generic[ResultType]):
+class SamplingDialog(Dialog[ResultType | None], Generic[ResultType]):
     BINDINGS = NEW_TAB_DIALOG_BINDINGS
 
     def result(self, sampling: Sampling) -> ResultType:
