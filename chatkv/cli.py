@@ -246,6 +246,11 @@ def make_context(args: argparse.Namespace) -> Context:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a terminal or pipe whose encoding cannot show a name (PYTHONIOENCODING=ascii, a C locale) gets '?' for
+    # what it cannot show, never an error halfway through a table
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     parser = build_parser()
     args = parser.parse_args(argv)
     check_flag_combinations(parser, args)

@@ -11,16 +11,17 @@ import re
 import sys
 import time
 import traceback
-import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import orjson
+from rich.cells import cell_len, split_graphemes
 
 from chatkv.atomic import write_bytes_atomic
 from chatkv.conversation import Conversation, Message
 from chatkv.lock import DataDirLock, DataDirLocked
 from chatkv.store import ConversationStore, StoreError, describe_os_error
+from chatkv.visible_text import visible
 
 if TYPE_CHECKING:
     from chatkv.cli import Context
@@ -77,9 +78,10 @@ def _list(store: ConversationStore, args) -> int:
             str(conversation.turns),
             _local_time(conversation.updated),
         ))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    # columns line up in terminal cells: a CJK character or an emoji takes two, a combining mark none
+    widths = [max(cell_len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]), row[3]]
+        cells = [_pad(row[0], widths[0]), _pad(row[1], widths[1]), _pad(row[2], widths[2], right=True), row[3]]
         print("  ".join(cells).rstrip())
     return 0
 
@@ -210,18 +212,24 @@ def _local_time(timestamp: float) -> str:
         return "?"  # a timestamp from a hand-edited file can be out of the platform's range
 
 
-# bidirectional overrides and isolates can make text display in a different order than it is stored
-_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
 def _printable(text: str, keep_newlines: bool = True) -> str:
-    """``text`` with control characters (escape sequences included) shown as U+FFFD instead of acted on."""
-    allowed = {"\n", "\t"} if keep_newlines else set()
-    return "".join(
-        "\ufffd" if char not in allowed and (unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS) else char
-        for char in text
-    )
+    """``text`` with control characters (escape sequences included) and bidi controls shown, never acted on."""
+    return visible(text, one_line=not keep_newlines)
 
 
 def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """``text`` in at most ``width`` terminal cells, cut between graphemes (never inside an emoji sequence)."""
+    graphemes, total = split_graphemes(text)
+    if total <= width:
+        return text
+    used, end = 0, 0
+    for start, stop, cells in graphemes:
+        if used + cells > width - 1:
+            break
+        used, end = used + cells, stop
+    return text[:end] + "…"
+
+
+def _pad(text: str, width: int, right: bool = False) -> str:
+    padding = " " * max(0, width - cell_len(text))
+    return padding + text if right else text + padding

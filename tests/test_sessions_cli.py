@@ -85,6 +85,34 @@ def test_list_does_not_pass_escape_sequences_from_a_name_to_the_terminal(store: 
     assert "evil" in out
 
 
+def test_list_lines_up_wide_and_combining_names_in_terminal_cells_and_cuts_between_graphemes(store, capsys):
+    from rich.cells import cell_len
+
+    names = ["plain name", "日本語の会話", "café au lait", "emoji 👩‍👩‍👧‍👦 family", "👩‍👩‍👧‍👦" * 30]
+    for name in names:
+        saved(store, name)
+
+    assert main(["sessions", "list"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    turns_column_ends = {cell_len(line[: line.index(" 2 ") + 2]) for line in lines[1:]}
+    assert len(turns_column_ends) == 1, lines  # every row's TURNS value ends in the same terminal column
+    long_row = next(line for line in lines if "👩" in line and "emoji" not in line)
+    kept = long_row.split("  ")[1]
+    assert kept.endswith("…") and kept[:-1] == "👩‍👩‍👧‍👦" * (len(kept[:-1]) // len("👩‍👩‍👧‍👦"))  # whole families only
+
+
+def test_list_and_show_with_an_ascii_stdout_print_what_they_can(store, tmp_path):
+    conversation = saved(store, "日本語 🙂 notes")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}  # CHATKV_HOME is the test's data folder (data_dir)
+    for command in (["sessions", "list"], ["sessions", "show", conversation.id]):
+        result = subprocess.run([sys.executable, "-c", "import sys; from chatkv.cli import main; sys.exit(main())",
+                                 *command], capture_output=True, text=True, encoding="ascii", errors="strict",
+                                env=env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "internal error" not in result.stderr and "notes" in result.stdout
+
+
 # -- show ------------------------------------------------------------------------------------------
 
 

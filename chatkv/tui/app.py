@@ -36,6 +36,7 @@ from chatkv.tui.widgets.chat_tab import ChatTab, TurnRefused
 from chatkv.tui.widgets.chat_view import ChatView
 from chatkv.tui.widgets.chat_tabs import ChatTabs
 from chatkv.tui.widgets.stats_panel import StatsPanel
+from chatkv.visible_text import visible
 
 STATS_REFRESH_SECONDS = 0.25
 STATS_IDLE_EVERY = 8  # while nothing runs, refresh every 8th tick (2 s): figures only change with turns
@@ -135,7 +136,7 @@ class ChatApp(App[int]):
 
     def show_model_progress(self, message: str) -> None:
         """While the model loads behind the app (terminal UI): its progress, in the title bar (on the app's thread)."""
-        self.sub_title = message
+        self.sub_title = visible(message, one_line=True)
 
     def model_loaded(self, error: str | None) -> None:
         """The model finished loading (``error`` None) or failed; tabs still on the old defaults take the model's."""
@@ -507,10 +508,17 @@ class ChatApp(App[int]):
                 continue
         return saved
 
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Paste) and not event.is_forwarded:
+            # a paste is text from outside: plain line endings, control characters shown, never acted on
+            event = events.Paste(visible(event.text.replace("\r\n", "\n").replace("\r", "\n")))
+        await super().on_event(event)
+
     def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
                markup: bool = True) -> None:
         """Every notification shows its text literally: messages quote names, paths and errors that may hold ``[``."""
-        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+        super().notify(visible(message), title=visible(title, one_line=True), severity=severity, timeout=timeout,
+                       markup=False)
 
     def report_from_engine(self, message: str) -> None:
         """A note from the engine (a snapshot ignored, a kernel being built), on the app's thread (``self.relay``)."""

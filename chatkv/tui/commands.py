@@ -16,6 +16,7 @@ from textual.fuzzy import Matcher
 
 from chatkv.conversation import Conversation
 from chatkv.tui.literal_text import literal_markup
+from chatkv.visible_text import visible
 
 if TYPE_CHECKING:
     from chatkv.tui.app import ChatApp
@@ -29,6 +30,7 @@ class PaletteCommand(NamedTuple):
 
 def highlight_literally(matcher: Matcher, text: str) -> Content:
     """Like ``Matcher.highlight``, but a tab name with brackets in it is shown as written, never parsed as markup."""
+    text = visible(text, one_line=True)
     content = Content(text)
     _, offsets = matcher.fuzzy_search.match(matcher.query, text)
     for offset in offsets:
@@ -65,14 +67,14 @@ class ChatCommands(Provider):
             PaletteCommand("Save KV snapshots", "Write every session's KV cache to disk now", app.action_save_snapshots),
         ]
         for tab in app.chat_tabs.chat_tabs:
-            name = tab.conversation.name
+            name = visible(tab.conversation.name, one_line=True)
             commands.append(PaletteCommand(f"Switch to: {name}", f"Go to the tab {name!r}", partial(app.chat_tabs.activate, tab)))
         for model in self.models:
-            commands.append(PaletteCommand(f"Model: {model}", f"Answer this tab's next turns with the server's model {model!r}",
+            commands.append(PaletteCommand(f"Model: {visible(model, one_line=True)}", f"Answer this tab's next turns with the server's model {model!r}",
                                            partial(app.use_model, model)))
         for conversation in self.closed:
             commands.append(PaletteCommand(
-                f"Reopen: {conversation.name}",
+                f"Reopen: {visible(conversation.name, one_line=True)}",
                 f"Open the saved conversation {conversation.name!r} ({conversation.turns} turns) in a tab",
                 partial(app.open_saved, conversation.id),
             ))
@@ -80,7 +82,7 @@ class ChatCommands(Provider):
 
     async def discover(self) -> Hits:
         for command in self.commands():
-            yield DiscoveryHit(Content(command.name), command.run, text=command.name, help=literal_markup(command.help))
+            yield DiscoveryHit(Content(visible(command.name, one_line=True)), command.run, text=command.name, help=literal_markup(command.help))
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
@@ -102,7 +104,7 @@ class ThemeCommands(Provider):
 
     async def discover(self) -> Hits:
         for name in self.themes():
-            yield DiscoveryHit(Content(name), partial(self.use, name), text=name)
+            yield DiscoveryHit(Content(visible(name, one_line=True)), partial(self.use, name), text=name)
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)

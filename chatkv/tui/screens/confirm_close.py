@@ -11,6 +11,7 @@ from textual.content import Content
 from textual.widgets import Button, Static
 
 from chatkv.tui.screens.dialog import Dialog
+from chatkv.visible_text import visible
 
 CLOSE_EXPLAINED = ("Closing keeps the conversation saved: reopen it from the command palette (Ctrl+P, \"Reopen\"). "
                    "Deleting removes it and its KV snapshot.")
@@ -43,7 +44,7 @@ class ConfirmCloseScreen(Dialog[CloseChoice | None]):
         self.generating = generating
 
     def compose(self) -> ComposeResult:
-        question = f"Close {self.tab_name!r}?"
+        question = f"Close {visible(self.tab_name, one_line=True)!r}?"
         if self.generating:
             question += " Its reply is still being written and will be stopped."
         with Vertical():

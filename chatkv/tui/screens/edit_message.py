@@ -10,6 +10,7 @@ from textual.widgets import Label
 
 from chatkv.tui.screens.dialog import Dialog
 from chatkv.tui.widgets.prompt_input import PromptInput
+from chatkv.visible_text import visible
 
 
 class EditMessageScreen(Dialog[str | None]):
@@ -42,7 +43,7 @@ class EditMessageScreen(Dialog[str | None]):
 
     def on_mount(self) -> None:
         editor = self.query_one(PromptInput)
-        editor.load_text(self.text)
+        editor.load_text(visible(self.text))
         editor.move_cursor(editor.document.end)
         editor.focus()
 

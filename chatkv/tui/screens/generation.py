@@ -10,6 +10,7 @@ from textual.widgets import Button, Input, Label
 from chatkv.engine.api import Sampling
 from chatkv.tui.screens.sampling_dialog import SamplingDialog
 from chatkv.tui.widgets.sampling_form import SamplingForm
+from chatkv.visible_text import visible
 
 
 class GenerationScreen(SamplingDialog[Sampling]):
@@ -36,7 +37,7 @@ class GenerationScreen(SamplingDialog[Sampling]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(Content(f"Generation settings for {self.tab_name!r}, from its next reply on"))
+            yield Label(Content(f"Generation settings for {visible(self.tab_name, one_line=True)!r}, from its next reply on"))
             yield SamplingForm(self.sampling)
             yield Label("", id="problem")
             yield Label("Enter or Ctrl+S applies · Esc cancels", classes="hint")

@@ -12,6 +12,7 @@ from textual.widgets import Button, Input, Label, TextArea
 from chatkv.engine.api import Sampling
 from chatkv.tui.screens.sampling_dialog import SamplingDialog
 from chatkv.tui.widgets.sampling_form import SamplingForm
+from chatkv.visible_text import visible
 
 HINT = "Ctrl+S or Enter in a one-line box creates the tab · Esc cancels"
 
@@ -49,7 +50,7 @@ class NewTabScreen(SamplingDialog[NewTabRequest]):
             yield Label("Name (optional)")
             yield Input(placeholder="e.g. recipes", id="name")
             yield Label("System prompt (optional)")
-            yield TextArea(self.default_system, id="system")
+            yield TextArea(visible(self.default_system), id="system")
             yield SamplingForm(self.default_sampling, id="sampling")
             yield Label("", id="problem")
             yield Label(Content(HINT), classes="hint")

@@ -25,6 +25,7 @@ from chatkv.engine.api import EngineError, Sampling, TurnResult
 from chatkv.tui.screens.edit_message import EditMessageScreen
 from chatkv.tui.widgets.chat_view import ChatView
 from chatkv.tui.widgets.prompt_input import PromptInput
+from chatkv.visible_text import visible
 
 BUSY_MESSAGE = "This tab is still replying: wait for it to finish, or press Esc to stop it."
 
@@ -95,7 +96,7 @@ class ChatTab(TabPane):
         sampling: Sampling,
         persisted: bool = True,
     ) -> None:
-        super().__init__(Content(conversation.name), id=pane_id(conversation.id))
+        super().__init__(Content(visible(conversation.name, one_line=True)), id=pane_id(conversation.id))
         self.conversation = conversation
         self.engine = engine
         self._save = save

@@ -6,6 +6,7 @@ from textual.content import Content
 from textual.widgets import TabbedContent
 
 from chatkv.tui.widgets.chat_tab import ChatTab, pane_id
+from chatkv.visible_text import visible
 
 BUSY_MARK = "● "
 
@@ -53,7 +54,7 @@ class ChatTabs(TabbedContent):
 
     def relabel(self, tab: ChatTab) -> None:
         mark = BUSY_MARK if tab.generating else ""
-        self.get_tab(pane_id(tab.session_id)).label = Content(mark + tab.conversation.name)
+        self.get_tab(pane_id(tab.session_id)).label = Content(mark + visible(tab.conversation.name, one_line=True))
 
     def step(self, offset: int) -> None:
         """Activate the tab ``offset`` places to the right (negative: left), wrapping around."""

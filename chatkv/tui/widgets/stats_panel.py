@@ -28,6 +28,7 @@ from chatkv.tui.widgets.number_format import (
     format_quantity,
     format_rate,
 )
+from chatkv.visible_text import visible
 
 LABEL_WIDTH = 10
 """Labels are padded to one width so the values line up in a column."""
@@ -199,7 +200,7 @@ def render_lines(lines: Sequence[Line]) -> Content:
         if index:
             parts.append("\n")
         parts.append((label.ljust(LABEL_WIDTH), "$foreground-muted"))
-        parts.append(value)
+        parts.append(visible(value, one_line=True))  # model and server names come from outside
     return Content.assemble(*parts)
 
 
