@@ -112,6 +112,8 @@ class Conversation:
     updated: float = field(default_factory=time.time)
     forked_from: ForkOrigin | None = None
     model: str | None = None  # a remote server's model chosen for this conversation (--backend); None: the default
+    # generation settings the user chose for this conversation (``Sampling``'s fields); None: the app's defaults
+    sampling: dict[str, Any] | None = None
 
     def prompt_messages(self) -> list[Message]:
         """The messages the model sees: the system prompt (if any) then the turns."""
@@ -132,7 +134,8 @@ class Conversation:
         copied = [Message(m.role, m.content, list(m.token_ids) if m.token_ids is not None else None,
                           dict(m.stats) if m.stats else None) for m in self.messages[: message + 1]]
         return Conversation(id=new_id, name=name, system=self.system, messages=copied, model=self.model,
-                            forked_from=ForkOrigin(self.id, self.name, message))
+                            forked_from=ForkOrigin(self.id, self.name, message),
+                            sampling=dict(self.sampling) if self.sampling else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,6 +148,7 @@ class Conversation:
             "messages": [message.to_dict() for message in self.messages],
             **({"forked_from": self.forked_from.to_dict()} if self.forked_from else {}),
             **({"model": self.model} if self.model else {}),
+            **({"sampling": self.sampling} if self.sampling else {}),
         }
 
     @classmethod
@@ -182,6 +186,9 @@ class Conversation:
         model = data.get("model")
         if model is not None and not isinstance(model, str):
             raise ValueError(f"model must be a string, got {_type_name(model)}")
+        sampling = data.get("sampling")
+        if sampling is not None and not isinstance(sampling, dict):
+            raise ValueError(f"sampling must be an object, got {_type_name(sampling)}")
         return cls(
             id=session_id,
             name=name or session_id,
@@ -191,4 +198,5 @@ class Conversation:
             updated=_check_timestamp(data, "updated"),
             forked_from=ForkOrigin.from_dict(forked_from) if forked_from is not None else None,
             model=model or None,
+            sampling=sampling or None,  # its values are checked where they are used (the app falls back to defaults)
         )

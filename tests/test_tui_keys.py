@@ -160,6 +160,29 @@ async def test_the_palette_changes_the_current_tabs_generation_settings(store):
         assert tab.sampling.greedy and tab.sampling.max_new_tokens == Settings().generation.max_new_tokens
 
 
+async def test_a_tabs_generation_settings_are_saved_with_its_conversation_and_come_back_on_relaunch(store):
+    app = app_with(store)
+    async with app.run_test(size=SIZE) as pilot:
+        tab = app.chat_tabs.current
+        session_id = tab.session_id
+        app.action_generation_settings()
+        await wait_until(pilot, lambda: isinstance(app.screen, GenerationScreen))
+        await pilot.pause(0.2)
+        assert "saved with the conversation" in " ".join(screen_text(app).split())  # the dialog says they last
+        app.screen.query_one("#sampling-temperature", Input).value = "0.7"
+        app.screen.query_one("#sampling-max_new_tokens", Input).value = "77"
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: not isinstance(app.screen, GenerationScreen))
+        other = await app.open_new_conversation("plain")
+        default_sampling = other.sampling
+        await pilot.press("ctrl+q")
+    relaunched = app_with(store)
+    async with relaunched.run_test(size=SIZE) as pilot:
+        tabs = {tab.session_id: tab for tab in relaunched.chat_tabs.chat_tabs}
+        assert tabs[session_id].sampling.temperature == 0.7 and tabs[session_id].sampling.max_new_tokens == 77
+        assert tabs[other.session_id].sampling == default_sampling  # a tab left on the defaults follows them
+
+
 async def test_sampling_defaults_are_not_greedy_and_explicit_greedy_stays_available(store):
     app = app_with(store)
     async with app.run_test(size=SIZE):

@@ -7,6 +7,7 @@ things together; each tab runs its own turns (``widgets/chat_tab.py``), dialogs 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ from textual.widgets import Footer, Header
 from chatkv.config import Settings
 from chatkv.conversation import Conversation, new_session_id
 from chatkv.crash import write_crash_log
-from chatkv.engine.api import Sampling
+from chatkv.engine.api import EngineError, Sampling
 from chatkv.store import ConversationStore, StoreError
 from chatkv.tui.commands import ChatCommands, ThemeCommands
 from chatkv.tui.keys import APP_BINDINGS
@@ -147,7 +148,7 @@ class ChatApp(App[int]):
         before, self._default_sampling = self._default_sampling, None
         after = self.default_sampling()
         for tab in self.chat_tabs.chat_tabs:
-            if tab.sampling == before:
+            if tab.sampling == before and not tab.conversation.sampling:  # settings of its own stay as chosen
                 tab.sampling = after
         self.refresh_stats(force=True)
 
@@ -205,18 +206,35 @@ class ChatApp(App[int]):
             return existing
         persist = self.options.persist if persist is None else persist
         save = self.save_conversation if persist else (lambda _conversation: None)
-        tab = ChatTab(conversation, self.engine, save, sampling or self.default_sampling(), persisted=persist)
+        tab = ChatTab(conversation, self.engine, save, sampling or self._saved_sampling(conversation) or self.default_sampling(),
+                      persisted=persist)
         if conversation.model and hasattr(self.engine, "set_model"):  # the server's model chosen for it last time
             self.engine.set_model(conversation.id, conversation.model)
         await self.chat_tabs.add(tab, activate=activate)
         self.save_layout()
         return tab
 
+    def _saved_sampling(self, conversation: Conversation) -> Sampling | None:
+        """The generation settings saved with ``conversation``, if any and valid (else the defaults, saying so)."""
+        if not conversation.sampling:
+            return None
+        try:
+            sampling = Sampling(**conversation.sampling)
+            sampling.validate()
+            return sampling
+        except (TypeError, EngineError) as exc:
+            self.report_problem(f"The generation settings saved with {conversation.name!r} cannot be used ({exc}); "
+                                "it uses the defaults until you set its own (palette: Generation settings).",
+                                conversation.id, severity="warning")
+            return None
+
     async def open_new_conversation(self, name: str = "", system: str | None = None, session_id: str | None = None,
                                     sampling: Sampling | None = None) -> ChatTab:
         conversation = self.store.new_conversation(name or None, self.settings.generation.system_prompt if system is None else system)
         if session_id:
             conversation.id = session_id
+        if sampling is not None and sampling != self.default_sampling():  # chosen in the new-tab dialog: kept with it
+            conversation.sampling = dataclasses.asdict(sampling)
         tab = await self.open_conversation(conversation, sampling=sampling)
         tab.save()  # saved at once, so the tab comes back even before its first message
         self.save_layout()
@@ -300,6 +318,8 @@ class ChatApp(App[int]):
         def apply(sampling: Sampling | None) -> None:
             if sampling is not None and tab.is_attached:
                 tab.sampling = sampling
+                tab.conversation.sampling = dataclasses.asdict(sampling)  # saved with the conversation
+                tab.save()
                 self.notify(f"{tab.conversation.name!r}: {describe_sampling(sampling)} from its next reply on.", timeout=4)
 
         self.push_screen(GenerationScreen(tab.conversation.name, tab.sampling), apply)

@@ -25,11 +25,13 @@ class GenerationScreen(SamplingDialog[Sampling]):
         border: thick $primary;
         background: $surface;
     }
+    GenerationScreen #title { width: 100%; }  /* wraps: a long tab name must not cut the sentence off */
     GenerationScreen .hint { color: $text-muted; margin-top: 1; }
     GenerationScreen #problem { color: $text-error; }
     GenerationScreen Horizontal { height: auto; align-horizontal: right; margin-top: 1; }
     GenerationScreen Button { margin-left: 1; }
     """
+
     def __init__(self, tab_name: str, sampling: Sampling) -> None:
         super().__init__()
         self.tab_name = tab_name
@@ -37,7 +39,9 @@ class GenerationScreen(SamplingDialog[Sampling]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(Content(f"Generation settings for {visible(self.tab_name, one_line=True)!r}, from its next reply on"))
+            name = visible(self.tab_name, one_line=True)
+            yield Label(Content(f"Generation settings for {name!r}, from its next reply on, saved with the conversation"),
+                        id="title")
             yield SamplingForm(self.sampling)
             yield Label("", id="problem")
             yield Label("Enter or Ctrl+S applies · Esc cancels", classes="hint")
