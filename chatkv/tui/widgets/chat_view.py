@@ -134,6 +134,10 @@ class ChatView(VerticalScroll):
             self.post_message(self.ForkRequested(self.selected))
 
     def on_focus(self) -> None:
+        if not self.region.area:
+            # focus passing through a hidden tab (a dialog closing as another tab opens): picking a message would
+            # scroll this tab's view and release its anchor, though the user never looked at it
+            return
         if self.selected is None:
             self.action_select(0)  # the last message: where the user most likely wants to act
         else:
