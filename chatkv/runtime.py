@@ -52,13 +52,21 @@ def find_model(settings: Settings, paths: Paths, progress: Log) -> Path:
     return models_dir
 
 
-def start_engine(settings: Settings, paths: Paths, models_dir: Path, progress: Log, engine_log: Log):
+def start_engine(settings: Settings, paths: Paths, models_dir: Path, progress: Log, engine_log: Log,
+                 starting: Callable[[object], None] | None = None):
     """The running engine: in a child process (``EngineProcess``) unless ``[model] engine_process`` is off,
-    then in this one (``load_engine``). Raises ``ModelError`` with a message for the user."""
+    then in this one (``load_engine``). Raises ``ModelError`` with a message for the user.
+
+    ``starting`` is handed the engine process before it starts, so another thread can ``abort()`` a load
+    that is no longer wanted (the app quit first); an engine loaded in this process cannot be stopped.
+    """
     if settings.model.engine_process:
         from chatkv.engine.process import EngineProcess
 
-        return EngineProcess(settings, paths, models_dir, progress, engine_log).start()
+        process = EngineProcess(settings, paths, models_dir, progress, engine_log)
+        if starting is not None:
+            starting(process)
+        return process.start()
     return load_engine(settings, paths, models_dir, progress, engine_log)
 
 
@@ -103,15 +111,20 @@ class LoadingEngine:
 
     Every call the app makes is forwarded once the engine is there. Before that, figures are empty, a tab
     awaits ``until_loaded`` before it submits, and ``submit`` raises ``EngineError`` saying why the model
-    failed to load, which the tab shows while it hands the message back. ``on_done(error)`` is called on the loading thread when the
-    load ends: ``error`` is None on success, else the message for the user.
+    failed to load, which the tab shows while it hands the message back. ``on_done(error)`` is called on the
+    loading thread when the load ends: ``error`` is None on success, else the message for the user.
+
+    ``load(starting)`` may pass ``starting`` the engine it is starting; if that engine can ``abort()``, closing
+    during the load aborts it instead of waiting for it (and ``on_done`` is not called).
     """
 
-    def __init__(self, load: Callable[[], object], on_done: Callable[[str | None], None]) -> None:
+    def __init__(self, load: Callable[[Callable[[object], None]], object], on_done: Callable[[str | None], None]) -> None:
         self._load = load
         self._on_done = on_done
         self.engine = None  # chatkv.engine.Engine once loaded
         self.error: str | None = None
+        self._starting: object | None = None  # the engine being started, while the load runs
+        self._aborted = False
         self._thread = threading.Thread(target=self._run, name="chatkv-model-loader", daemon=True)
 
     def start(self) -> "LoadingEngine":
@@ -120,12 +133,16 @@ class LoadingEngine:
 
     def _run(self) -> None:
         try:
-            self.engine = self._load()
+            self.engine = self._load(self._set_starting)
         except ModelError as exc:
             self.error = str(exc)
         except Exception as exc:  # noqa: BLE001 - shown in the app, which stays open for reading old chats
             self.error = f"the model could not be loaded: {type(exc).__name__}: {exc}"
-        self._on_done(self.error)
+        if not self._aborted:  # an aborted load was not wanted any more: nobody to tell
+            self._on_done(self.error)
+
+    def _set_starting(self, engine: object) -> None:
+        self._starting = engine
 
     @property
     def loading(self) -> bool:
@@ -164,8 +181,13 @@ class LoadingEngine:
         return self.engine.session_stats(session_id) if self.engine is not None else None
 
     def close(self) -> None:
-        """Wait for the load to end (torch cannot be stopped half-imported), then close the engine."""
+        """End a load still running (abort it where the engine can, else wait: torch cannot be stopped
+        half-imported), then close the engine."""
         if self._thread.ident is not None:  # started (the app may have ended before it was shown)
+            abort = getattr(self._starting, "abort", None)
+            if self.loading and abort is not None:
+                self._aborted = True
+                abort()
             self._thread.join()
         if self.engine is not None:
             self.engine.close()

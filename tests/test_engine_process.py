@@ -112,3 +112,43 @@ def test_a_model_that_cannot_load_is_reported_with_the_childs_message(tmp_path, 
         pytest.skip("a CUDA device is present")
     with pytest.raises(ModelError, match="torch sees no CUDA GPU"):
         start(settings, tmp_path, models_dir, [])
+
+
+def test_abort_during_the_load_ends_the_child_and_the_start_at_once(tmp_path, models_dir, smollm2_dir):
+    # what closing the app during a model load does (LoadingEngine.close): the child is told to end (SIGTERM, so a
+    # kernel build in it would release torch's lock file) and start() raises instead of finishing the load
+    import threading
+    import time
+
+    paths = Paths(data=tmp_path / "data", cache=tmp_path / "cache", config=tmp_path / "config")
+    notes: list[str] = []
+    loading = threading.Event()
+
+    def progress(text: str) -> None:
+        notes.append(text)
+        loading.set()
+
+    settings = fp32_settings()
+    settings.model.model = str(smollm2_dir)
+    process = EngineProcess(settings, paths, models_dir, progress, notes.append)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            process.start()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert loading.wait(60)  # the child is loading the model
+    pid = process.pid
+    began = time.monotonic()
+    process.abort()
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - began < 10
+    assert isinstance(outcome[0], ModelError)
+    assert not any("ready" in note for note in notes)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the child is gone (reaped), not left loading

@@ -134,6 +134,33 @@ async def test_escape_stops_the_reply_keeping_its_text_and_marks_it_stopped(star
         assert "stopped" in view.query_one(".reply-footer").render().plain
 
 
+async def test_escape_stops_a_turn_still_queued_behind_another_tab_with_the_same_notice(start_engine, store, paths):
+    settings = settings_with(1000)
+    settings.batching.max_batch_size = 1  # one turn at a time: the second tab's waits in the queue
+    app = build_app(settings, start_engine(settings), store, paths)
+    async with app.run_test(size=SIZE) as pilot:
+        first = app.chat_tabs.current
+        tokens: list[str] = []
+        first.token_listeners.append(tokens.append)
+        await type_and_send(pilot, "tell me a long story")
+        await wait_until(pilot, lambda: len(tokens) >= 3)
+        second = await app.open_new_conversation("second")
+        await pilot.pause()
+        second.prompt_input.load_text("and one for me")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: second.generating)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not second.generating)
+        assert [n.message for n in app._notifications][-1] == "Stopping the reply; what was written is kept."
+        assert second.conversation.messages[-1].stats["finish_reason"] == "cancelled"
+        assert second.conversation.messages[-1].stats["new_tokens"] == 0
+        assert first.generating  # the other tab's reply goes on
+        app.chat_tabs.activate(first)
+        await pilot.pause()
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not first.generating)
+
+
 async def test_sending_while_the_tab_replies_is_refused_with_a_visible_message(store, paths):
     engine = HeldEngine(["still ", "writing"])
     app = build_app(Settings(), engine, store, paths)

@@ -8,6 +8,7 @@ what the app does around the load, not the model.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def store(data_dir: Path) -> ConversationStore:
 
 
 def held_load(release: threading.Event, result):
-    def load():
+    def load(starting):
         release.wait(30)
         if isinstance(result, Exception):
             raise result
@@ -91,7 +92,7 @@ async def test_engine_notes_and_progress_reach_the_app_before_it_runs_while_it_l
     release = threading.Event()
     notes = EngineNotes()
 
-    def load():
+    def load(starting):
         notes("compiling chatkv's CPU kernels (once per machine, up to a minute)…")
         notes.progress("Quantizing SmolLM2-135M-Instruct to int4 (once)…")
         release.wait(30)
@@ -118,3 +119,81 @@ async def test_engine_notes_and_progress_reach_the_app_before_it_runs_while_it_l
         engine.close()
     notes("a note sent after the app quit")  # the engine writes snapshots after the app has gone
     assert "chatkv: a note sent after the app quit" in capsys.readouterr().err
+
+
+async def test_esc_while_the_message_waits_for_the_model_hands_it_back_and_nothing_is_sent_later(store):
+    release = threading.Event()
+    notes = EngineNotes()
+    model = StandInEngine(["Too late."])
+    engine = LoadingEngine(held_load(release, model), notes.loaded)
+    app = notes.app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            tab = app.chat_tabs.current
+            tab.prompt_input.load_text("Are you there?")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: tab.waiting_for_model)
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: not tab.generating)
+            assert [n.message for n in app._notifications][-1] == "Stopping the reply; what was written is kept."
+            assert tab.conversation.messages == [] and tab.prompt_input.text == "Are you there?"
+            assert "your message is back in the box" in " ".join(screen_text(app).split())
+            release.set()
+            await wait_until(pilot, lambda: not engine.loading)
+            await pilot.pause(0.2)
+            assert model.prompts == []  # the stopped message never reached the model
+    finally:
+        release.set()
+        engine.close()
+    assert store.get(tab.session_id).messages == []
+
+
+async def test_quitting_while_the_message_waits_for_the_model_keeps_it_saved_and_does_not_wait(store):
+    release = threading.Event()
+    notes = EngineNotes()
+    engine = LoadingEngine(held_load(release, StandInEngine(["Hi."])), notes.loaded)
+    app = notes.app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            tab = app.chat_tabs.current
+            tab.prompt_input.load_text("Remember this question.")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: tab.waiting_for_model)
+            started = time.monotonic()
+            await pilot.press("ctrl+q")
+            await wait_until(pilot, lambda: not app.is_running, timeout=10)
+            # no reply to stop or wait for (a running one gets up to 5 s to end)
+            assert time.monotonic() - started < 3
+    finally:
+        release.set()
+        engine.close()
+    saved = store.get(tab.session_id).messages
+    assert [(m.role, m.content) for m in saved] == [("user", "Remember this question.")]
+
+
+def test_closing_during_the_load_aborts_an_engine_that_can_abort_and_reports_nothing() -> None:
+    class SlowStart:
+        def __init__(self) -> None:
+            self.aborted = threading.Event()
+
+        def abort(self) -> None:
+            self.aborted.set()
+
+        def start(self):
+            if self.aborted.wait(30):
+                raise ModelError("the model could not be loaded: the engine process ended (killed)")
+            return StandInEngine()
+
+    starting = SlowStart()
+    reported: list[str | None] = []
+
+    def load(register):
+        register(starting)
+        return starting.start()
+
+    engine = LoadingEngine(load, reported.append).start()
+    time.sleep(0.1)
+    began = time.monotonic()
+    engine.close()
+    assert starting.aborted.is_set() and time.monotonic() - began < 5
+    assert reported == []  # nobody is told of a load that was abandoned on the way out

@@ -115,6 +115,7 @@ class EngineProcess:
         self._calls: dict[int, tuple[str, Future]] = {}
         self._turns: dict[int, TurnHandle] = {}
         self._closing = False
+        self._aborting = False  # abort() was called: the start is not wanted any more
         self._ended: str | None = None  # why no more calls can be made
         self._reader: threading.Thread | None = None
 
@@ -138,6 +139,9 @@ class EngineProcess:
         finally:
             os.close(log)
             theirs.close()  # the child holds its own copy; when it exits, reads here see the end of the socket
+        with self._lock:
+            if self._aborting:  # abort() came before there was a child to end
+                _end_gently(self._process)
         self._channel = Channel(ours)
         try:
             self._channel.send("start", 0, {"settings": dataclasses.asdict(self._settings),
@@ -164,6 +168,15 @@ class EngineProcess:
         self._reader = threading.Thread(target=self._read, name="chatkv-engine-socket", daemon=True)
         self._reader.start()
         return self
+
+    def abort(self) -> None:
+        """From another thread while ``start`` waits for the model: end the child, so ``start`` raises ``ModelError``
+        at once instead of finishing a load nobody wants (the app quit during it)."""
+        with self._lock:
+            self._aborting = True
+            process = self._process
+        if process is not None:
+            _end_gently(process)
 
     def close(self) -> None:
         """Close the engine (running turns end as cancelled) and wait for the child to exit."""
@@ -391,5 +404,19 @@ def _answer(call: Callable[[], Any], call_id: int, send: Callable[[str, int, Any
     send("reply", call_id, {"value": value})
 
 
+def _end_gently(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM, so the child unwinds (a kernel build releases torch's lock file); SIGKILL if it has not ended soon."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _exit_on_terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds the load: finally blocks (torch's build lock) run
+
+
 if __name__ == "__main__":  # python -m chatkv.engine.process FD, as EngineProcess.start runs it
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
     serve(Channel(socket.socket(fileno=int(sys.argv[1]))))

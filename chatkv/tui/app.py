@@ -489,8 +489,12 @@ class ChatApp(App[int]):
         self.notify(f"Saved the KV cache of {written} session(s) to disk.")
 
     async def action_quit(self) -> None:
-        """Stop running replies and let their tabs save what was written, write the KV snapshots, then leave."""
-        running = [tab for tab in self.chat_tabs.chat_tabs if tab.generating]
+        """Stop running replies and let their tabs save what was written, write the KV snapshots, then leave.
+
+        A message still waiting for the model to load stays saved in its conversation as sent (Ctrl+G answers it
+        next time): there is nothing to stop or wait for.
+        """
+        running = [tab for tab in self.chat_tabs.chat_tabs if tab.generating and not tab.waiting_for_model]
         for tab in running:
             tab.stop()
         if running:

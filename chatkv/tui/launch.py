@@ -70,8 +70,8 @@ def run_tui(context) -> int:
             say(str(exc))
             return 1
 
-        def load():
-            return start_engine(settings, paths, models_dir, notes.progress, notes)
+        def load(starting):
+            return start_engine(settings, paths, models_dir, notes.progress, notes, starting)
 
         engine = LoadingEngine(load, notes.loaded)
         # the load starts once the app shows, so its progress reaches the title bar

@@ -28,6 +28,17 @@ from chatkv.tui.widgets.prompt_input import PromptInput
 from chatkv.visible_text import visible
 
 BUSY_MESSAGE = "This tab is still replying: wait for it to finish, or press Esc to stop it."
+STOPPED_BEFORE_REPLY = "Stopped before the model answered: your message is back in the box."
+
+
+async def first_of(*awaitables) -> None:
+    """Wait until one of ``awaitables`` is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class TurnRefused(Exception):
@@ -104,6 +115,8 @@ class ChatTab(TabPane):
         self.persisted = persisted  # False: an --ephemeral tab, never written
         self.token_listeners: list[Callable[[str], None]] = []
         self._turn: Worker[TurnOutcome] | None = None
+        self._stop_requested = asyncio.Event()  # Esc on this turn, in whatever state it is
+        self._waiting_for_model = False
 
     @property
     def session_id(self) -> str:
@@ -220,13 +233,24 @@ class ChatTab(TabPane):
             raise TurnRefused(BUSY_MESSAGE)
 
     def _start_turn(self, history: list[Message], sampling: Sampling | None, typed: str | None = None) -> Worker[TurnOutcome]:
+        self._stop_requested = asyncio.Event()
         self._turn = self.run_worker(self._run_turn(history, sampling or self.sampling, typed), group="turn",
                                      exit_on_error=True)
         return self._turn
 
     def stop(self) -> bool:
-        """Ask the engine to stop this tab's reply; the turn then ends as 'cancelled' with the text so far."""
-        return self.generating and self.engine.cancel(self.session_id)
+        """Stop this tab's turn in whatever state it is: waiting for the model to load (the message is handed back),
+        queued, prefilling or decoding (the engine ends it as 'cancelled', keeping the text so far)."""
+        if not self.generating:
+            return False
+        self._stop_requested.set()
+        self.engine.cancel(self.session_id)
+        return True
+
+    @property
+    def waiting_for_model(self) -> bool:
+        """The turn waits for the model to load: nothing of it has reached the engine yet."""
+        return self.generating and self._waiting_for_model
 
     async def _run_turn(self, history: list[Message], sampling: Sampling, typed: str | None) -> TurnOutcome:
         """Make ``history`` (ending with a user message) the conversation and answer it.
@@ -246,7 +270,13 @@ class ChatTab(TabPane):
         await view.show_from(history, keep)
         loaded = getattr(self.engine, "until_loaded", None)
         if loaded is not None:  # the terminal UI shows before the model is ready: the message goes once it is
-            await loaded()
+            self._waiting_for_model = True
+            try:
+                await first_of(loaded(), self._stop_requested.wait())
+            finally:
+                self._waiting_for_model = False
+        if self._stop_requested.is_set():
+            return await self._give_back(previous, keep, typed, turn, STOPPED_BEFORE_REPLY, as_error=False)
         try:
             handle = self.engine.submit(self.session_id, conversation.prompt_messages(), sampling)
         except EngineError as exc:
@@ -281,7 +311,7 @@ class ChatTab(TabPane):
         return stats
 
     async def _give_back(self, previous: list[Message], keep: int, typed: str | None, turn: int, error: str,
-                         result: TurnResult | None = None) -> TurnOutcome:
+                         result: TurnResult | None = None, as_error: bool = True) -> TurnOutcome:
         """The turn did not happen: put the conversation back as it was, say why, and offer the typed text again."""
         self.conversation.messages = previous
         self.save()
@@ -292,7 +322,7 @@ class ChatTab(TabPane):
             for block in view.message_blocks:
                 if block.message_index >= len(previous):
                     block.message_index = None
-        await view.add_note(f"Not sent: {error}", error=True)
+        await view.add_note(f"Not sent: {error}" if as_error else error, error=as_error)
         if typed is not None and not self.prompt_input.text:
             self.prompt_input.load_text(typed)
         return TurnOutcome(turn, result, error)
