@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,19 +54,21 @@ def find_model(settings: Settings, paths: Paths, progress: Log) -> Path:
 
 
 def start_engine(settings: Settings, paths: Paths, models_dir: Path, progress: Log, engine_log: Log,
-                 starting: Callable[[object], None] | None = None):
+                 supervisor: "LoadingEngine | None" = None):
     """The running engine: in a child process (``EngineProcess``) unless ``[model] engine_process`` is off,
     then in this one (``load_engine``). Raises ``ModelError`` with a message for the user.
 
-    ``starting`` is handed the engine process before it starts, so another thread can ``abort()`` a load
-    that is no longer wanted (the app quit first); an engine loaded in this process cannot be stopped.
+    With a ``supervisor``, the engine process is handed to it before it starts (so a load nobody wants any
+    more can be aborted) and reports its death to it (so it is started again). An engine loaded in this
+    process can be neither.
     """
     if settings.model.engine_process:
         from chatkv.engine.process import EngineProcess
 
-        process = EngineProcess(settings, paths, models_dir, progress, engine_log)
-        if starting is not None:
-            starting(process)
+        process = EngineProcess(settings, paths, models_dir, progress, engine_log,
+                                on_death=supervisor.engine_died if supervisor is not None else None)
+        if supervisor is not None:
+            supervisor.starting(process)
         return process.start()
     return load_engine(settings, paths, models_dir, progress, engine_log)
 
@@ -107,33 +110,51 @@ def open_runtime(settings: Settings, paths: Paths, progress: Log, engine_log: Lo
 
 
 class LoadingEngine:
-    """Stands in for the engine while a thread loads the model, so the chat shows saved conversations at once.
+    """Stands in for the engine while a thread loads the model, and starts it again if its process dies.
 
     Every call the app makes is forwarded once the engine is there. Before that, figures are empty, a tab
     awaits ``until_loaded`` before it submits, and ``submit`` raises ``EngineError`` saying why the model
     failed to load, which the tab shows while it hands the message back. ``on_done(error)`` is called on the
-    loading thread when the load ends: ``error`` is None on success, else the message for the user.
+    loading thread when a load ends: ``error`` is None on success, else the message for the user.
 
-    ``load(starting)`` may pass ``starting`` the engine it is starting; if that engine can ``abort()``, closing
-    during the load aborts it instead of waiting for it (and ``on_done`` is not called).
+    ``load(supervisor)`` starts the engine; through ``supervisor`` (this object) it hands over the engine it
+    is starting (``starting``), so that closing during the load aborts it where the engine can ``abort()``,
+    and tells of an engine process that died (``engine_died``). A dead engine is started again, once per
+    death, and ``note`` tells the user; after ``MAX_DEATHS`` deaths within ``DEATH_WINDOW_S`` seconds it is
+    left dead and every turn says what to do.
     """
 
-    def __init__(self, load: Callable[[Callable[[object], None]], object], on_done: Callable[[str | None], None]) -> None:
+    MAX_DEATHS = 3
+    DEATH_WINDOW_S = 60.0
+
+    def __init__(self, load: Callable[["LoadingEngine"], object], on_done: Callable[[str | None], None],
+                 note: Callable[[str], None] | None = None) -> None:
         self._load = load
         self._on_done = on_done
-        self.engine = None  # chatkv.engine.Engine once loaded
+        self._note = note or (lambda message: None)
+        self.engine = None  # the running engine once loaded (an EngineProcess, or an Engine in this process)
         self.error: str | None = None
-        self._starting: object | None = None  # the engine being started, while the load runs
+        self._starting: object | None = None  # the engine being started, while a load runs
+        self._dead: object | None = None  # an engine whose process died, closed by the next load
+        self._deaths: list[float] = []  # when engines died (monotonic seconds)
+        self._closing = False
         self._aborted = False
-        self._thread = threading.Thread(target=self._run, name="chatkv-model-loader", daemon=True)
+        self._lock = threading.Lock()
+        self._thread = self._new_thread()
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._run, name="chatkv-model-loader", daemon=True)
 
     def start(self) -> "LoadingEngine":
         self._thread.start()
         return self
 
     def _run(self) -> None:
+        if self._dead is not None:
+            self._dead.close()  # the reader thread that reported the death has ended by now
+            self._dead = None
         try:
-            self.engine = self._load(self._set_starting)
+            self.engine = self._load(self)
         except ModelError as exc:
             self.error = str(exc)
         except Exception as exc:  # noqa: BLE001 - shown in the app, which stays open for reading old chats
@@ -141,16 +162,37 @@ class LoadingEngine:
         if not self._aborted:  # an aborted load was not wanted any more: nobody to tell
             self._on_done(self.error)
 
-    def _set_starting(self, engine: object) -> None:
+    def starting(self, engine: object) -> None:
+        """Called by ``load`` with the engine it is about to start."""
         self._starting = engine
+
+    def engine_died(self, message: str) -> None:
+        """Called (on the dead engine's own thread) when its process ended unexpectedly: start another."""
+        with self._lock:
+            if self._closing:
+                return
+            now = time.monotonic()
+            self._deaths = [when for when in self._deaths if now - when < self.DEATH_WINDOW_S] + [now]
+            self._dead, self.engine = self.engine, None
+            if len(self._deaths) >= self.MAX_DEATHS:
+                self.error = (f"{message}. It stopped {len(self._deaths)} times within a minute, so chatkv no longer "
+                              "restarts it: check its log, then start chatkv again (a smaller --max-kv-bytes or "
+                              "--quant int4 needs less memory).")
+                self._note(self.error)
+                return
+            self._note(f"{message}. Starting it again: your tabs carry on, their KV restored from snapshots or "
+                       "recomputed.")
+            thread = self._new_thread()
+            thread.start()
+            self._thread = thread  # published once started: until_loaded may join it at once
 
     @property
     def loading(self) -> bool:
         return self.engine is None and self.error is None
 
     async def until_loaded(self) -> None:
-        """Returns once the load has ended, either way (a tab's first message waits here)."""
-        if self.loading:
+        """Returns once the load (or a restart) has ended, either way (a tab's message waits here)."""
+        while self.loading:
             await asyncio.to_thread(self._thread.join)
 
     def submit(self, session_id: str, messages, sampling=None):
@@ -183,14 +225,17 @@ class LoadingEngine:
     def close(self) -> None:
         """End a load still running (abort it where the engine can, else wait: torch cannot be stopped
         half-imported), then close the engine."""
+        with self._lock:
+            self._closing = True  # no restart from here on
         if self._thread.ident is not None:  # started (the app may have ended before it was shown)
             abort = getattr(self._starting, "abort", None)
             if self.loading and abort is not None:
                 self._aborted = True
                 abort()
             self._thread.join()
-        if self.engine is not None:
-            self.engine.close()
+        for engine in (self._dead, self.engine):
+            if engine is not None:
+                engine.close()
 
 
 @contextmanager

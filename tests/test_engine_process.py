@@ -152,3 +152,39 @@ def test_abort_during_the_load_ends_the_child_and_the_start_at_once(tmp_path, mo
     assert not any("ready" in note for note in notes)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the child is gone (reaped), not left loading
+
+
+async def test_a_killed_engine_is_started_again_and_the_next_turn_answers_until_it_dies_too_often(tmp_path, models_dir):
+    # the app's engine (LoadingEngine over an EngineProcess, as `chatkv launch` builds it)
+    from chatkv.runtime import LoadingEngine, start_engine
+
+    paths = Paths(data=tmp_path / "data", cache=tmp_path / "cache", config=tmp_path / "config")
+    notes: list[str] = []
+    loads: list[str | None] = []
+    settings = fp32_settings()
+    engine = LoadingEngine(lambda supervisor: start_engine(settings, paths, models_dir, notes.append, notes.append,
+                                                           supervisor), loads.append, note=notes.append).start()
+    question = [Message("user", "Name three colours of the rainbow.")]
+    try:
+        await engine.until_loaded()
+        reference = await engine.submit("tab-1", question, Sampling(max_new_tokens=12)).result()
+        handle = engine.submit("tab-1", question, Sampling(max_new_tokens=400))
+        async for _ in handle:
+            os.kill(engine.engine.pid, signal.SIGKILL)  # mid-reply, as the OOM killer would
+            break
+        cut = await handle.result()
+        assert cut.finish_reason == "error" and "stopped unexpectedly" in cut.error
+        assert sum("Starting it again" in note for note in notes) == 1  # said once
+        await engine.until_loaded()
+        again = await engine.submit("tab-1", question, Sampling(max_new_tokens=12)).result()
+        assert again.finish_reason in ("stop", "length") and again.reply_ids == reference.reply_ids
+        for _ in range(2):  # the second and third death within a minute: no more restarts
+            os.kill(engine.engine.pid, signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            await engine.until_loaded()
+        assert engine.engine is None and "3 times within a minute" in engine.error
+        with pytest.raises(EngineError, match="start chatkv again"):
+            engine.submit("tab-1", question, Sampling(max_new_tokens=4))
+        assert loads == [None, None, None]  # the first load and two restarts
+    finally:
+        engine.close()

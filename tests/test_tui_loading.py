@@ -31,7 +31,7 @@ def store(data_dir: Path) -> ConversationStore:
 
 
 def held_load(release: threading.Event, result):
-    def load(starting):
+    def load(supervisor):
         release.wait(30)
         if isinstance(result, Exception):
             raise result
@@ -92,7 +92,7 @@ async def test_engine_notes_and_progress_reach_the_app_before_it_runs_while_it_l
     release = threading.Event()
     notes = EngineNotes()
 
-    def load(starting):
+    def load(supervisor):
         notes("compiling chatkv's CPU kernels (once per machine, up to a minute)…")
         notes.progress("Quantizing SmolLM2-135M-Instruct to int4 (once)…")
         release.wait(30)
@@ -187,8 +187,8 @@ def test_closing_during_the_load_aborts_an_engine_that_can_abort_and_reports_not
     starting = SlowStart()
     reported: list[str | None] = []
 
-    def load(register):
-        register(starting)
+    def load(supervisor):
+        supervisor.starting(starting)
         return starting.start()
 
     engine = LoadingEngine(load, reported.append).start()

@@ -101,8 +101,12 @@ def _plain(value: Any) -> Any:
 class EngineProcess:
     """``Engine``'s surface for the app, with the engine itself in a child process (see the module docstring)."""
 
-    def __init__(self, settings: Settings, paths: Paths, models_dir: Path, progress: Log, log: Log) -> None:
+    def __init__(self, settings: Settings, paths: Paths, models_dir: Path, progress: Log, log: Log,
+                 on_death: Log | None = None) -> None:
+        """``on_death(message)``: called on the reader thread if the child ends while it should be running (instead
+        of logging the message); whoever passes it may start another engine."""
         self._settings = settings
+        self._on_death = on_death
         self._paths = paths
         self._models_dir = Path(models_dir)
         self._progress = progress
@@ -298,7 +302,7 @@ class EngineProcess:
         for handle in turns.values():
             handle._finish(_ended_turn(handle, "cancelled" if expected else "error", None if expected else self._ended))
         if not expected:
-            self._log(self._ended)
+            (self._on_death or self._log)(self._ended)
 
     def _ended_message(self) -> str:
         code = self._process.returncode  # set: _wait has seen the child exit (or killed it)

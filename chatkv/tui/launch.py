@@ -70,10 +70,10 @@ def run_tui(context) -> int:
             say(str(exc))
             return 1
 
-        def load(starting):
-            return start_engine(settings, paths, models_dir, notes.progress, notes, starting)
+        def load(supervisor: LoadingEngine):
+            return start_engine(settings, paths, models_dir, notes.progress, notes, supervisor)
 
-        engine = LoadingEngine(load, notes.loaded)
+        engine = LoadingEngine(load, notes.loaded, note=notes)
         # the load starts once the app shows, so its progress reaches the title bar
         options = AppOptions(new_tab=args.new, theme=args.theme, on_shown=engine.start)
         app = make_app(settings, engine, ConversationStore(paths), paths.user_themes, options)
