@@ -266,3 +266,35 @@ def test_real_model_repeating_a_paragraph_with_guesses_equals_plain_decoding_and
     stats = engine.stats()
     assert stats.draft_acceptance_rate > 0.5  # the reply quotes its context
     assert stats.forward_passes < sum(len(r.reply_ids) for r in guessed.values())
+
+
+# the default mode ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_mode_bundle(models_dir):
+    """SmolLM2 as a user runs it by default: bfloat16 activations, int4 weights (an int8 head)."""
+    from chatkv.model.loader import load_model
+
+    return load_model("smollm2", models_dir, dtype="bfloat16", device="cpu", quant="int4")
+
+
+@pytest.mark.real_model
+def test_greedy_replies_in_the_default_bf16_int4_mode_are_the_same_with_and_without_guesses(default_mode_bundle):
+    # Verifying k guesses computes k + 1 rows in one pass; each must get the arithmetic a decode row gets
+    # (the decode kernel's attention, the quantized kernels per row), or the reply drifts from where guesses start.
+    prompts = {"quote": QUOTE, "free": "Explain how a bicycle works.",  # on main before the fix: differed at 26
+               "echo": "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox jumps over "
+                       "the lazy dog."}
+    greedy = Sampling(max_new_tokens=60, temperature=0.0)
+    replies = {}
+    for draft_tokens in (3, 0):
+        engine = engine_with(default_mode_bundle, draft_tokens)
+        try:
+            for name, text in prompts.items():  # one tab at a time, as a user chatting alone
+                replies[draft_tokens, name] = run_together(engine, {name: (text, greedy)})[name]
+            drafted = engine.stats().drafted_tokens
+        finally:
+            engine.close()
+        if draft_tokens:
+            assert drafted > 0  # guesses were verified, so the comparison tests something
+    for name in prompts:
+        assert replies[3, name].reply_ids == replies[0, name].reply_ids, name

@@ -5,9 +5,10 @@ linear layers run once over all of them; attention (``attend``: called by the le
 through ``packed_attention``, registered with transformers' ``AttentionInterface``, by the stock
 modules) does, per layer:
 
-1. decode tokens (one query per session), on the CPU: one call of the paged decode kernel
-   (``paged_decode.cpp``), which stores each token's key and value (RoPE already applied) in its pool
-   slot, then reads each session's keys and values in place through its block table;
+1. decode tokens (one query per session, or several: the speculative guesses being verified, each its
+   own row, as if decoded alone), on the CPU: one call of the paged decode kernel (``paged_decode.cpp``),
+   which stores each token's key and value (RoPE already applied) in its pool slot, then reads each
+   session's keys and values in place through its block table;
 2. the other rows' keys and values go into their pool slots (``kv_blocks``: how a block arranges them):
    one call of the ``paged_kv_write`` kernel on the CPU, else one ``index_copy_`` each;
 3. prefill chunks (and decode tokens where the kernel is not available: CUDA, no compiler, a shape
@@ -51,6 +52,9 @@ class Segment:
     start: int  # first position of the segment in the packed input
     length: int  # how many new tokens
     past: int  # tokens already in the session's KV before this step
+    # generated tokens (the last one and speculative guesses): each row attends as a decode row does, so a
+    # verified guess gets the very logits it would get decoded alone
+    decode: bool = False
 
 
 @dataclass
@@ -108,8 +112,8 @@ class PackedStep:
         """Indices and masks for ``segments``; ``decode_kernel`` (``paged_kernel.decode_kernel()``) stores and attends
         the decode rows, ``kv_write`` (``paged_kernel.kv_write_kernel()``, CPU only) stores the other rows' K/V."""
         device = kv.device
-        decode = [s for s in segments if s.length == 1]
-        prefill = [s for s in segments if s.length > 1]
+        decode = [s for s in segments if s.length == 1 or s.decode]
+        prefill = [s for s in segments if not (s.length == 1 or s.decode)]
         decode_rows = None
         if decode and decode_kernel is not None and device.type == "cpu" and kv.dtype in KERNEL_DTYPES:
             decode_rows, decode = _decode_rows(decode, block_size), []
@@ -128,7 +132,11 @@ def _kv_store(kv: torch.Tensor, segments: list[Segment], kernel_rows: DecodeRows
     # int64 [T], in packed order
     slot_mapping = torch.cat([block_slots(s.block_table, s.past, s.past + s.length, block_size) for s in segments])
     if kernel_rows is not None:
-        slot_mapping[kernel_rows.query_rows] = -1  # the kernel stores these
+        # the kernel stores these; rows of a multi-row decode segment are stored here first as well (the kernel
+        # writes the same bytes again), since each reads the keys of the rows before it, maybe on another thread
+        single = torch.cat([torch.arange(s.start, s.start + 1) for s in segments if s.length == 1]
+                           or [torch.empty(0, dtype=torch.long)])
+        slot_mapping[single] = -1
         if bool((slot_mapping < 0).all()):
             return None
     slot_mapping = slot_mapping.to(kv.device)
@@ -157,10 +165,14 @@ def _padded_block_tables(segments: list[Segment], block_size: int) -> torch.Tens
 
 
 def _decode_rows(segments: list[Segment], block_size: int) -> DecodeRows:
+    """One kernel row per token: a segment of several generated tokens gives one row each, the i-th attending
+    over past + i + 1 keys, exactly as if it were decoded alone."""
+    tables = _padded_block_tables(segments, block_size)
+    repeat = torch.tensor([s.length for s in segments])
     return DecodeRows(
-        block_tables=_padded_block_tables(segments, block_size),
-        context_lens=torch.tensor([s.past + 1 for s in segments], dtype=torch.long),
-        query_rows=torch.tensor([s.start for s in segments], dtype=torch.long),
+        block_tables=tables.repeat_interleave(repeat, dim=0),
+        context_lens=torch.tensor([s.past + 1 + i for s in segments for i in range(s.length)], dtype=torch.long),
+        query_rows=torch.tensor([s.start + i for s in segments for i in range(s.length)], dtype=torch.long),
     )
 
 

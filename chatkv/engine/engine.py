@@ -464,7 +464,8 @@ class Engine:
                 self.fault_hook(planned.turn.session_id)
             entry = self.store.peek(planned.turn.session_id)
             past = entry.length
-            segments.append(Segment(entry.block_table, start=len(input_ids), length=len(planned.tokens), past=past))
+            segments.append(Segment(entry.block_table, start=len(input_ids), length=len(planned.tokens), past=past,
+                                    decode=bool(planned.draft)))
             input_ids.extend(planned.tokens)
             positions.extend(range(past, past + len(planned.tokens)))
             logits_rows.extend(range(len(input_ids) - planned.logits_rows, len(input_ids)))
