@@ -87,10 +87,12 @@ def _add_engine(parser: argparse.ArgumentParser) -> None:
                        help=f"how long a lone new turn waits for company ({_default(batching.max_batch_wait_ms, 'batching.max_batch_wait_ms')})")
     group.add_argument("--max-queued", type=int, metavar="N",
                        help=f"turns waiting in the queue before new ones are refused ({_default(batching.max_total_queued_requests, 'batching.max_total_queued_requests')})")
-    group.add_argument("--prefill-only", action="store_true", help="batch prefill only, decode one session at a time (the seed design)")
+    group.add_argument("--prefill-only", action="store_true", help="batch prefill only, decode one session at a time")
     group.add_argument("--draft-tokens", type=_non_negative, metavar="N",
                        help="speculative decoding of greedy replies (temperature 0): guess up to N next tokens from the "
-                            "conversation and check them in one forward pass; the reply is the same token for token, "
+                            "conversation and check them in one forward pass; the reply is the same token for token "
+                            "as without guesses (in bf16 with quantized weights it may still change when more than 8 "
+                            "rows share a step with other tabs; --dtype float32 --quant none never does), "
                             f"0 is off ({_default(_DEFAULTS.speculative.draft_tokens, 'speculative.draft_tokens')})")
     group.add_argument("--no-snapshot", action="store_true", help="do not save KV caches to disk")
     group.add_argument("--max-snapshot-bytes", type=_size, metavar="SIZE",
