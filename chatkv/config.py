@@ -73,7 +73,7 @@ class ModelOptions:
     model: str = "smollm2"
     dtype: str = "auto"
     device: str = "auto"
-    threads: int = 0  # 0: chatkv's thread policy (chatkv.threads)
+    threads: int = 0  # 0: chatkv's thread policy (chatkv.engine.threads)
     quant: str = "auto"  # auto | none | int8 | int4 weights (auto: int4 in bf16 on CPU, none in fp32)
     engine_process: bool = True  # the engine in a child process, so drawing the UI never slows decoding
 

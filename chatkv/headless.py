@@ -2,7 +2,7 @@
 
 The app runs with Textual's headless driver; its autopilot reads the script line by line and calls
 the app's own methods (open a tab, send, close, quit), so a script exercises exactly what a user
-does. Events go to stdout as JSON Lines, flushed one by one (DESIGN.md §4). A bad line becomes an
+does. Events go to stdout as JSON Lines, flushed one by one (docs/contracts.md, Headless mode). A bad line becomes an
 error event and the script goes on; the exit code is 1 if any error event was written.
 
 Sends to a tab that is still replying wait for that reply (in order, per tab) without holding up

@@ -1,4 +1,4 @@
-"""The headless script language (DESIGN.md §4): one JSON object per line, each an operation on the app.
+"""The headless script language (docs/contracts.md, Headless mode): one JSON object per line, each an operation on the app.
 
 ``parse_line`` turns one raw line into a checked ``Op`` or raises ``ScriptError`` with a message that
 says what is wrong with it; the runner reports it as an error event and goes on with the next line.

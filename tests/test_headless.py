@@ -1,4 +1,4 @@
-"""Headless mode (DESIGN.md §4): the script parser on its own, then ``chatkv launch --headless`` end to end.
+"""Headless mode (docs/contracts.md, Headless mode): the script parser on its own, then ``chatkv launch --headless`` end to end.
 
 The end-to-end tests run the installed ``chatkv`` command in a subprocess on the real SmolLM2
 checkpoint (``--model <folder>`` skips the fetch) with a private ``--data-dir``.

@@ -1,7 +1,7 @@
 """``chatkv bench [SCENARIO ...] [--quick] [--json FILE] [--plot FILE.png] [--no-check]``.
 
 Loads the model once, runs each chosen scenario against its plain-transformers baseline in this
-process, prints a table per scenario, and writes the DESIGN.md §4 JSON: ``machine`` and ``scenarios``
+process, prints a table per scenario, and writes the bench JSON of docs/contracts.md: ``machine`` and ``scenarios``
 (each with its parameters and its measured figures, side by side). A scenario that fails is
 reported as such and the others still run; the exit code says whether everything passed.
 """

@@ -1,6 +1,8 @@
 """The engine: one background thread owns the model and serves every chat session.
 
-Callers (the TUI, headless mode, the bench) submit a turn for a session and get a ``TurnHandle``
+In ``chatkv launch`` it runs in a child process of its own (``chatkv.engine.process``), behind an
+``EngineProcess`` in the app's process; the bench and the tests call it directly. Callers submit a
+turn for a session and get a ``TurnHandle``
 that streams tokens and ends with a ``TurnResult``. The thread loops: admit waiting turns (reusing
 each session's cached KV up to the longest common prefix with its new prompt), run one packed
 forward pass for everything scheduled, sample, stream, finish what is done.

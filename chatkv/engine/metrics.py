@@ -1,4 +1,4 @@
-"""Counters and rolling rates for the stats panel, headless stats and the bench (definitions: DESIGN.md §3)."""
+"""Counters and rolling rates for the stats panel, headless stats and the bench (definitions: docs/contracts.md, Metrics)."""
 
 from __future__ import annotations
 

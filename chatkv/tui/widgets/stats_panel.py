@@ -1,7 +1,7 @@
 """The live panel beside the chats: what the KV cache, the batcher and the snapshot tier are doing right now.
 
 Every figure is read from the engine's ``EngineStats`` and the current tab's ``SessionStats``; the panel
-only formats them (DESIGN.md §3 defines each one). The App calls ``show_stats`` several times a second, so
+only formats them (docs/contracts.md, Metrics, defines each one). The App calls ``show_stats`` several times a second, so
 the widgets are built once in ``compose`` and each refresh rewrites only the sections whose text changed:
 no widget is created or removed after mounting, and an unchanged figure costs one comparison.
 """
