@@ -8,21 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 
 from chatkv import __version__
 from chatkv.config import ConfigError, Settings, load_settings, parse_size
+from chatkv.context import Context
 from chatkv.paths import Paths
-
-
-@dataclass
-class Context:
-    """What every subcommand gets: the parsed arguments, the settings after the config file and flags, and the folders."""
-
-    args: argparse.Namespace
-    settings: Settings
-    paths: Paths
-    config_messages: list[str]
 
 
 def _size(value: str) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from chatkv.config import Settings
+from chatkv.engine.loading import load_engine
 from chatkv.engine.api import EngineError, EngineStats, SessionStats
 from chatkv.lock import DataDirLock
 from chatkv.model.errors import ModelError
@@ -71,23 +72,6 @@ def start_engine(settings: Settings, paths: Paths, models_dir: Path, progress: L
             supervisor.starting(process)
         return process.start()
     return load_engine(settings, paths, models_dir, progress, engine_log)
-
-
-def load_engine(settings: Settings, paths: Paths, models_dir: Path, progress: Log, engine_log: Log):
-    """Import torch, load the model, start the engine (``chatkv.engine.Engine``) in this process; raises ``ModelError``."""
-    model = settings.model
-    progress(f"loading {model.model}…")
-    import torch
-
-    from chatkv.engine import Engine
-    from chatkv.model.loader import load_model
-
-    if model.threads > 0:
-        torch.set_num_threads(model.threads)
-    bundle = load_model(model.model, models_dir, model.dtype, model.device, progress=progress, quant=model.quant)
-    settings.generation.fill_sampling_defaults(bundle.sampling_defaults)
-    progress(f"{bundle.model_id} ready ({bundle.fingerprint.dtype}, {bundle.device}, loaded in {bundle.load_seconds:.1f} s)")
-    return Engine(bundle, settings, snapshot_dir=paths.snapshots, log=engine_log).start()
 
 
 @contextmanager

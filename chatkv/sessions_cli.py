@@ -12,19 +12,17 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import orjson
 from rich.cells import cell_len, split_graphemes
 
 from chatkv.atomic import write_bytes_atomic
+from chatkv.context import Context
 from chatkv.conversation import Conversation, Message
 from chatkv.lock import DataDirLock, DataDirLocked
 from chatkv.store import ConversationStore, StoreError, describe_os_error
 from chatkv.visible_text import visible
-
-if TYPE_CHECKING:
-    from chatkv.cli import Context
 
 NAME_COLUMN_WIDTH = 40
 ROLE_TITLES = {"system": "System", "user": "You", "assistant": "Assistant"}

@@ -348,7 +348,7 @@ def serve(channel: Channel) -> None:
     settings = Settings()
     apply_mapping(settings, start["settings"])
     paths = Paths(**{name: Path(folder) for name, folder in start["paths"].items()})
-    from chatkv.runtime import load_engine
+    from chatkv.engine.loading import load_engine
 
     try:
         engine = load_engine(settings, paths, Path(start["models_dir"]), lambda text: send("progress", 0, text),

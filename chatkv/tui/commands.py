@@ -8,7 +8,7 @@ never parsed as markup (``chatkv.tui.literal_text``).
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.content import Content
@@ -17,9 +17,6 @@ from textual.fuzzy import Matcher
 from chatkv.conversation import Conversation
 from chatkv.tui.literal_text import literal_markup
 from chatkv.visible_text import visible
-
-if TYPE_CHECKING:
-    from chatkv.tui.app import ChatApp
 
 
 class PaletteCommand(NamedTuple):
@@ -45,7 +42,7 @@ class ChatCommands(Provider):
         self.models: list[str] = await self.app.server_models()
 
     def commands(self) -> list[PaletteCommand]:
-        app: ChatApp = self.app  # type: ignore[assignment]
+        app = self.app  # the ChatApp (tui/app.py), which imports this module
         commands = [
             PaletteCommand("New tab", "Open a chat tab, with an optional name and system prompt", app.action_new_tab),
             PaletteCommand("Close tab", "Close the current tab (its conversation stays saved) or delete it", app.action_close_tab),
