@@ -113,15 +113,21 @@ async def test_two_tabs_stream_side_by_side_and_both_complete(start_engine, stor
             assert "60 tokens" in view.query_one(".reply-footer").render().plain
 
 
+async def start_a_long_reply(pilot: Pilot, tab) -> list[str]:
+    """Ask ``tab`` for a long story and return, once a few tokens are in, the list its tokens keep arriving in."""
+    tokens: list[str] = []
+    tab.token_listeners.append(tokens.append)
+    await type_and_send(pilot, "tell me a long story")
+    await wait_until(pilot, lambda: len(tokens) >= 3)
+    return tokens
+
+
 async def test_escape_stops_the_reply_keeping_its_text_and_marks_it_stopped(start_engine, store, paths):
     settings = settings_with(1000)
     app = build_app(settings, start_engine(settings), store, paths)
     async with app.run_test(size=SIZE) as pilot:
         tab = app.chat_tabs.current
-        tokens: list[str] = []
-        tab.token_listeners.append(tokens.append)
-        await type_and_send(pilot, "tell me a long story")
-        await wait_until(pilot, lambda: len(tokens) >= 3)
+        tokens = await start_a_long_reply(pilot, tab)
         await pilot.press("escape")
         await wait_until(pilot, lambda: not tab.generating)
         reply = tab.conversation.messages[-1]
@@ -140,10 +146,7 @@ async def test_escape_stops_a_turn_still_queued_behind_another_tab_with_the_same
     app = build_app(settings, start_engine(settings), store, paths)
     async with app.run_test(size=SIZE) as pilot:
         first = app.chat_tabs.current
-        tokens: list[str] = []
-        first.token_listeners.append(tokens.append)
-        await type_and_send(pilot, "tell me a long story")
-        await wait_until(pilot, lambda: len(tokens) >= 3)
+        await start_a_long_reply(pilot, first)
         second = await app.open_new_conversation("second")
         await pilot.pause()
         second.prompt_input.load_text("and one for me")

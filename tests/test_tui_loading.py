@@ -39,15 +39,28 @@ def held_load(release: threading.Event, result):
     return load
 
 
+def loading_app(store: ConversationStore, result):
+    """The App behind a ``LoadingEngine`` whose load waits for ``release`` and then gives ``result`` (or raises it),
+    wired as ``chatkv launch`` wires it; returns (app, engine, release)."""
+    release = threading.Event()
+    notes = EngineNotes()
+    engine = LoadingEngine(held_load(release, result), notes.loaded)
+    app = notes.app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    return app, engine, release
+
+
+async def send_while_loading(pilot, tab, text: str) -> None:
+    tab.prompt_input.load_text(text)
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: tab.waiting_for_model)
+
+
 async def test_saved_chats_show_while_the_model_loads_and_a_message_sent_meanwhile_goes_once_it_is_ready(store):
     conversation = store.new_conversation("earlier", "")
     conversation.messages += [Message("user", "What is tmux?"), Message("assistant", "A terminal multiplexer.", [1])]
     store.save(conversation)
     store.save_state({"open_tabs": [conversation.id], "active_tab": conversation.id, "theme": "chatkv-dark"})
-    release = threading.Event()
-    notes = EngineNotes()
-    engine = LoadingEngine(held_load(release, StandInEngine(["It splits terminals."])), notes.loaded)
-    app = notes.app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    app, engine, release = loading_app(store, StandInEngine(["It splits terminals."]))
     try:
         async with app.run_test(size=SIZE) as pilot:
             assert "A terminal multiplexer." in screen_text(app)  # readable before the model is there
@@ -65,10 +78,7 @@ async def test_saved_chats_show_while_the_model_loads_and_a_message_sent_meanwhi
 
 
 async def test_a_model_that_fails_to_load_is_reported_and_the_message_is_handed_back(store):
-    release = threading.Event()
-    notes = EngineNotes()
-    engine = LoadingEngine(held_load(release, ModelError("No such GGUF file: /nope.gguf")), notes.loaded)
-    app = notes.app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    app, engine, release = loading_app(store, ModelError("No such GGUF file: /nope.gguf"))
     try:
         async with app.run_test(size=SIZE) as pilot:
             tab = app.chat_tabs.current
@@ -130,9 +140,7 @@ async def test_esc_while_the_message_waits_for_the_model_hands_it_back_and_nothi
     try:
         async with app.run_test(size=SIZE) as pilot:
             tab = app.chat_tabs.current
-            tab.prompt_input.load_text("Are you there?")
-            await pilot.press("enter")
-            await wait_until(pilot, lambda: tab.waiting_for_model)
+            await send_while_loading(pilot, tab, "Are you there?")
             await pilot.press("escape")
             await wait_until(pilot, lambda: not tab.generating)
             assert [n.message for n in app._notifications][-1] == "Stopping the reply; what was written is kept."
@@ -149,16 +157,11 @@ async def test_esc_while_the_message_waits_for_the_model_hands_it_back_and_nothi
 
 
 async def test_quitting_while_the_message_waits_for_the_model_keeps_it_saved_and_does_not_wait(store):
-    release = threading.Event()
-    notes = EngineNotes()
-    engine = LoadingEngine(held_load(release, StandInEngine(["Hi."])), notes.loaded)
-    app = notes.app = make_app(Settings(), engine, store, None, AppOptions(on_shown=engine.start))
+    app, engine, release = loading_app(store, StandInEngine(["Hi."]))
     try:
         async with app.run_test(size=SIZE) as pilot:
             tab = app.chat_tabs.current
-            tab.prompt_input.load_text("Remember this question.")
-            await pilot.press("enter")
-            await wait_until(pilot, lambda: tab.waiting_for_model)
+            await send_while_loading(pilot, tab, "Remember this question.")
             started = time.monotonic()
             await pilot.press("ctrl+q")
             await wait_until(pilot, lambda: not app.is_running, timeout=10)
