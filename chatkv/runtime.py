@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from chatkv.config import Settings
 from chatkv.engine.loading import load_engine
-from chatkv.engine.api import EngineError, EngineStats, SessionStats
+from chatkv.engine.api import BackendCapabilities, EngineError, EngineStats, SessionStats
 from chatkv.lock import DataDirLock
 from chatkv.model.errors import ModelError
 from chatkv.model.source import ModelSourceError, resolve
@@ -97,7 +97,7 @@ class LoadingEngine:
     """Stands in for the engine while a thread loads the model, and starts it again if its process dies.
 
     Every call the app makes is forwarded once the engine is there. Before that, figures are empty, a tab
-    awaits ``until_loaded`` before it submits, and ``submit`` raises ``EngineError`` saying why the model
+    awaits ``until_ready`` before it submits, and ``submit`` raises ``EngineError`` saying why the model
     failed to load, which the tab shows while it hands the message back. ``on_done(error)`` is called on the
     loading thread when a load ends: ``error`` is None on success, else the message for the user.
 
@@ -110,6 +110,7 @@ class LoadingEngine:
 
     MAX_DEATHS = 3
     DEATH_WINDOW_S = 60.0
+    capabilities = BackendCapabilities()  # it starts local engines only
 
     def __init__(self, load: Callable[["LoadingEngine"], object], on_done: Callable[[str | None], None],
                  note: Callable[[str], None] | None = None) -> None:
@@ -168,13 +169,13 @@ class LoadingEngine:
                        "recomputed.")
             thread = self._new_thread()
             thread.start()
-            self._thread = thread  # published once started: until_loaded may join it at once
+            self._thread = thread  # published once started: until_ready may join it at once
 
     @property
     def loading(self) -> bool:
         return self.engine is None and self.error is None
 
-    async def until_loaded(self) -> None:
+    async def until_ready(self) -> None:
         """Returns once the load (or a restart) has ended, either way (a tab's message waits here)."""
         while self.loading:
             await asyncio.to_thread(self._thread.join)

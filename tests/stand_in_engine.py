@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 
 from chatkv.conversation import Message
-from chatkv.engine.api import EngineStats, Sampling, SessionStats, TokenEvent, TurnHandle, TurnResult
+from chatkv.engine.api import BackendCapabilities, EngineStats, Sampling, SessionStats, TokenEvent, TurnHandle, TurnResult
 
 
 class StandInEngine:
     """Replies to every turn with ``tokens``, at once; the other calls the App makes do nothing."""
 
+    capabilities = BackendCapabilities()
+
     def __init__(self, tokens: list[str] | tuple[str, ...] = ("ok",)) -> None:
         self.tokens = list(tokens)
         self.prompts: list[str] = []  # the last user message of each turn, as the engine received it
 
-    def submit(self, session_id: str, messages: list[Message], sampling: Sampling) -> TurnHandle:
+    def submit(self, session_id: str, messages: list[Message], sampling: Sampling | None = None) -> TurnHandle:
         self.prompts.append(messages[-1].content)
         handle = TurnHandle(session_id, asyncio.get_running_loop())
         for index, text in enumerate(self.tokens):
@@ -32,6 +34,9 @@ class StandInEngine:
         count = len(self.tokens)
         return TurnResult(session_id, "".join(self.tokens), list(range(count)), [1, 2, 3], 3, 0, "none", 3, count,
                           5.0, 100.0, 1, "stop")
+
+    async def until_ready(self) -> None:
+        pass
 
     def cancel(self, session_id: str) -> bool:
         return False

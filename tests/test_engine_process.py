@@ -166,7 +166,7 @@ async def test_a_killed_engine_is_started_again_and_the_next_turn_answers_until_
                                                            supervisor), loads.append, note=notes.append).start()
     question = [Message("user", "Name three colours of the rainbow.")]
     try:
-        await engine.until_loaded()
+        await engine.until_ready()
         reference = await engine.submit("tab-1", question, Sampling(max_new_tokens=12)).result()
         handle = engine.submit("tab-1", question, Sampling(max_new_tokens=400))
         async for _ in handle:
@@ -175,13 +175,13 @@ async def test_a_killed_engine_is_started_again_and_the_next_turn_answers_until_
         cut = await handle.result()
         assert cut.finish_reason == "error" and "stopped unexpectedly" in cut.error
         assert sum("Starting it again" in note for note in notes) == 1  # said once
-        await engine.until_loaded()
+        await engine.until_ready()
         again = await engine.submit("tab-1", question, Sampling(max_new_tokens=12)).result()
         assert again.finish_reason in ("stop", "length") and again.reply_ids == reference.reply_ids
         for _ in range(2):  # the second and third death within a minute: no more restarts
             os.kill(engine.engine.pid, signal.SIGKILL)
             await asyncio.sleep(0.5)
-            await engine.until_loaded()
+            await engine.until_ready()
         assert engine.engine is None and "3 times within a minute" in engine.error
         with pytest.raises(EngineError, match="start chatkv again"):
             engine.submit("tab-1", question, Sampling(max_new_tokens=4))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable, Literal, Protocol, runtime_checkable
 
 from chatkv.session_id import SESSION_ID_RULE, is_valid_session_id
 
@@ -269,3 +269,47 @@ class TurnHandle:
     @property
     def tokens(self) -> list[TokenEvent]:
         return list(self._tokens)
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What an engine-like object does beyond the calls every ``Backend`` answers: declared, never guessed."""
+
+    holds_kv: bool = True  # the KV cache is this machine's: snapshots, evictions and memory figures are chatkv's
+    server_models: bool = False  # a server offering models to choose from: models(), refresh_models(), set_model()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The one surface the App (terminal UI and headless mode) uses to run turns, whatever runs them: the engine in
+    this process (``engine.Engine``), in its own process (``engine.process.EngineProcess``), loading or restarting
+    behind the App (``runtime.LoadingEngine``), or a remote server (``remote.backend.RemoteBackend``)."""
+
+    capabilities: BackendCapabilities
+
+    def submit(self, session_id: str, messages: list, sampling: Sampling | None = None) -> TurnHandle:
+        """Start a turn answering ``messages`` (``conversation.Message``, ending with the user's); raises ``EngineError``."""
+
+    def cancel(self, session_id: str) -> bool:
+        """Stop the session's turn, keeping what it wrote; False if it had none."""
+
+    def forget(self, session_id: str) -> None:
+        """The session is gone: drop its KV, in memory and on disk."""
+
+    def fork_kv(self, parent_session_id: str, child_session_id: str) -> int:
+        """Let the child start with the parent's KV; returns the tokens shared."""
+
+    def snapshot(self, session_ids: list[str] | None = None) -> int:
+        """Write the KV of these sessions (all: None) to disk; returns how many were written."""
+
+    def stats(self) -> EngineStats:
+        """The figures of the stats panel and headless ``stats`` events (docs/contracts.md, Metrics)."""
+
+    def session_stats(self, session_id: str) -> SessionStats | None:
+        """One session's figures, None if it has none yet."""
+
+    async def until_ready(self) -> None:
+        """Return once turns can be submitted (at once, except while a model loads or an engine restarts)."""
+
+    def close(self) -> None:
+        """End running turns as cancelled and free everything."""

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 from chatkv.config import Settings
 from chatkv.conversation import Message
 from chatkv.engine.api import (
+    BackendCapabilities,
     EngineError,
     check_session_id,
     check_turn_request,
@@ -68,6 +69,10 @@ def common_prefix_length(a: Sequence, b: Sequence) -> int:
 
 
 class Engine:
+    """The ``Backend`` (``chatkv.engine.api``) that owns the model: see the module docstring."""
+
+    capabilities = BackendCapabilities()
+
     def __init__(
         self,
         bundle: ModelBundle,
@@ -161,6 +166,9 @@ class Engine:
                 raise
             self._wakeup.notify_all()
         return handle
+
+    async def until_ready(self) -> None:
+        """Running from the start: nothing to wait for."""
 
     def cancel(self, session_id: str) -> bool:
         """Stop the session's turn: a waiting one ends at once, a running one at the next step, keeping its text."""

@@ -45,8 +45,8 @@ import orjson
 
 from chatkv.config import Settings, apply_mapping
 from chatkv.conversation import Message
-from chatkv.engine.api import (EngineError, EngineStats, QueueFullError, Sampling, SessionStats, TokenEvent, TurnHandle,
-                               TurnResult, check_turn_request)
+from chatkv.engine.api import (BackendCapabilities, EngineError, EngineStats, QueueFullError, Sampling, SessionStats,
+                               TokenEvent, TurnHandle, TurnResult, check_turn_request)
 from chatkv.model.errors import ModelError
 from chatkv.paths import Paths, ensure_private_dir
 
@@ -100,6 +100,8 @@ def _plain(value: Any) -> Any:
 
 class EngineProcess:
     """``Engine``'s surface for the app, with the engine itself in a child process (see the module docstring)."""
+
+    capabilities = BackendCapabilities()
 
     def __init__(self, settings: Settings, paths: Paths, models_dir: Path, progress: Log, log: Log,
                  on_death: Log | None = None) -> None:
@@ -220,6 +222,9 @@ class EngineProcess:
         handle = TurnHandle.for_caller(session_id)
         self._call("submit", session_id, messages, sampling, handle=handle)
         return handle
+
+    async def until_ready(self) -> None:
+        """Running from the start: nothing to wait for."""
 
     def cancel(self, session_id: str) -> bool:
         return self._call("cancel", session_id)

@@ -36,8 +36,8 @@ import httpx
 
 from chatkv.config import BackendOptions
 from chatkv.conversation import Message
-from chatkv.engine.api import (EngineError, EngineStats, FinishReason, Sampling, SessionStats, TokenEvent, TurnHandle,
-                               TurnResult, check_turn_request)
+from chatkv.engine.api import (BackendCapabilities, EngineError, EngineStats, FinishReason, Sampling, SessionStats,
+                               TokenEvent, TurnHandle, TurnResult, check_turn_request)
 from chatkv.remote.http_errors import describe_status, describe_transport_error
 from chatkv.remote.server_metrics import ServerReport, parse_metrics
 
@@ -99,6 +99,8 @@ def api_root(url: str) -> str:
 
 class RemoteBackend:
     """Serves chat turns from an OpenAI-compatible server; the ``Engine`` surface the App and headless mode use."""
+
+    capabilities = BackendCapabilities(holds_kv=False, server_models=True)
 
     def __init__(self, options: BackendOptions, api_key: str | None = None) -> None:
         """Raises ``BackendUnavailable`` for a URL that is not http(s); nothing touches the network until ``start``."""
@@ -228,6 +230,9 @@ class RemoteBackend:
             future = asyncio.run_coroutine_threadsafe(self._serve(turn, messages), self._loop)
             self._running[session_id] = (turn, future)
         return turn.handle
+
+    async def until_ready(self) -> None:
+        """Ready once started: a server that is down fails each turn with a message instead."""
 
     def cancel(self, session_id: str) -> bool:
         """Stop the session's reply by closing its stream (the server aborts it); the text so far is kept."""

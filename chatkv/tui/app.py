@@ -208,7 +208,7 @@ class ChatApp(App[int]):
         save = self.save_conversation if persist else (lambda _conversation: None)
         tab = ChatTab(conversation, self.engine, save, sampling or self._saved_sampling(conversation) or self.default_sampling(),
                       persisted=persist)
-        if conversation.model and hasattr(self.engine, "set_model"):  # the server's model chosen for it last time
+        if conversation.model and self.engine.capabilities.server_models:  # the server's model chosen for it last time
             self.engine.set_model(conversation.id, conversation.model)
         await self.chat_tabs.add(tab, activate=activate)
         self.save_layout()
@@ -482,7 +482,7 @@ class ChatApp(App[int]):
         self.push_screen(ChatCommandPalette(providers=[ThemeCommands], placeholder="Search for themes…"))
 
     async def action_save_snapshots(self) -> None:
-        if getattr(self.engine, "models", None) is not None:  # a remote server (--backend) holds the KV
+        if not self.engine.capabilities.holds_kv:  # a remote server (--backend) holds the KV
             self.notify("The server holds the KV cache; chatkv has none to save. Conversations are saved as you go.")
             return
         written = await asyncio.to_thread(self.engine.snapshot, self.persisted_session_ids())
@@ -550,10 +550,9 @@ class ChatApp(App[int]):
 
     async def server_models(self) -> list[str]:
         """A remote server's models for the palette (asked again if the server was not reachable before); [] locally."""
-        models = getattr(self.engine, "models", None)
-        if models is None:
+        if not self.engine.capabilities.server_models:
             return []
-        return models() or await asyncio.to_thread(self.engine.refresh_models)
+        return self.engine.models() or await asyncio.to_thread(self.engine.refresh_models)
 
     def use_model(self, model: str) -> None:
         """A remote server: answer the current tab with ``model`` from now on (remembered with the conversation)."""

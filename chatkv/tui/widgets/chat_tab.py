@@ -268,13 +268,12 @@ class ChatTab(TabPane):
         self.post_message(self.BusyChanged(self))
         view = self.chat_view
         await view.show_from(history, keep)
-        loaded = getattr(self.engine, "until_loaded", None)
-        if loaded is not None:  # the terminal UI shows before the model is ready: the message goes once it is
-            self._waiting_for_model = True
-            try:
-                await first_of(loaded(), self._stop_requested.wait())
-            finally:
-                self._waiting_for_model = False
+        # the terminal UI shows before the model is ready (and while a dead engine restarts): the message goes once it is
+        self._waiting_for_model = True
+        try:
+            await first_of(self.engine.until_ready(), self._stop_requested.wait())
+        finally:
+            self._waiting_for_model = False
         if self._stop_requested.is_set():
             return await self._give_back(previous, keep, typed, turn, STOPPED_BEFORE_REPLY, as_error=False)
         try:
