@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from chatkv.config import Settings
-from chatkv.engine.loading import load_engine
 from chatkv.engine.api import BackendCapabilities, EngineError, EngineStats, SessionStats
+from chatkv.engine.loading import load_engine
 from chatkv.lock import DataDirLock
 from chatkv.model.errors import ModelError
 from chatkv.model.source import ModelSourceError, resolve
