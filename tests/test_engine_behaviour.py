@@ -148,6 +148,30 @@ def test_conversation_longer_than_the_session_limit_drops_oldest_turns_keeps_sys
         assert result.reply_ids == greedy_full_recompute(tiny_bundle.model, result.prompt_ids, 8, engine.eos_ids)
 
 
+def test_past_the_session_limit_old_turns_go_down_to_a_low_water_mark_and_later_turns_reuse_the_kept_prefix(tiny_bundle):
+    # a long chat through a 512-token limit: each time it passes the limit, old turns go until the prompt takes at
+    # most half of it; the turns after that prefill only what is new, until the limit is reached again
+    engine = Engine(tiny_bundle, settings_with(kv__max_tokens_per_session=512)).start()
+    history = [Message("system", "You are a careful assistant.")]
+    try:
+        results = [chat(engine, "long", history, f"Question number {i}: " + "words " * 12, 8) for i in range(32)]
+    finally:
+        engine.close()
+    limit_turns = [i for i, r in enumerate(results) if r.dropped_messages != results[i - 1].dropped_messages and i > 0]
+    assert limit_turns and limit_turns[0] < 20, "the chat never outgrew 512 tokens"
+    after = [r for i, r in enumerate(results) if i > limit_turns[0] and i not in limit_turns]
+    assert len(after) >= 2 * len(limit_turns)  # most turns past the limit are cheap ones
+    for i, result in enumerate(results):
+        assert result.reply_ids == greedy_full_recompute(tiny_bundle.model, result.prompt_ids, 8, engine.eos_ids)
+        if i > limit_turns[0] and i not in limit_turns:
+            previous = results[i - 1]
+            # everything the previous turn saw and wrote came from the cache; only the new message is prefilled
+            assert result.reused_tokens >= previous.prompt_tokens + previous.new_tokens - 1
+            assert result.prefilled_tokens < 40
+    for turn in limit_turns:
+        assert results[turn].prompt_tokens <= 0.5 * (512 - 8) + 1
+
+
 def test_a_single_message_longer_than_the_context_is_refused_with_a_clear_message(tiny_bundle):
     engine = Engine(tiny_bundle, settings_with(kv__max_tokens_per_session=64))
     with pytest.raises(EngineError, match="too long"):

@@ -111,6 +111,9 @@ class Engine:
         self.fault_hook: Callable[[str], None] | None = None  # tests inject per-session failures here
         # child session -> (parent session, tokens shared by fork_kv): the child's first turn reports them as shared
         self._forked_from: dict[str, tuple[str, int]] = {}
+        # how many old messages each session's last turn left out to fit the context: they stay out while the rest
+        # fits, so the next prompt starts with what the session's KV holds (ChatRenderer.fit)
+        self._dropped: dict[str, int] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
     def _open_snapshots(self, snapshot_dir: Path | None):
@@ -151,7 +154,7 @@ class Engine:
         """
         sampling = check_turn_request(session_id, messages, sampling)
         reserve = min(sampling.max_new_tokens, self.context_limit // 2)
-        rendered = self.renderer.fit(messages, self.context_limit - reserve)
+        rendered = self.renderer.fit(messages, self.context_limit - reserve, self._dropped.get(session_id, 0))
         handle = TurnHandle.for_caller(session_id, listener)
         turn = Turn(session_id, rendered.ids, sampling, handle, dropped_messages=rendered.dropped_messages)
         with self._wakeup:
@@ -164,6 +167,7 @@ class Engine:
             except EngineError:
                 self.metrics.rejected_requests += 1
                 raise
+            self._dropped[session_id] = rendered.dropped_messages
             self._wakeup.notify_all()
         return handle
 
@@ -628,6 +632,7 @@ class Engine:
     def _forget_now(self, session_id: str) -> None:
         with self._lock:
             self._forked_from.pop(session_id, None)
+            self._dropped.pop(session_id, None)
             self.store.drop(session_id)
             if self.snapshots is not None:
                 self.snapshots.delete(session_id)

@@ -26,6 +26,9 @@ from chatkv.engine.api import EngineError
 _SENTINEL = "\x00chatkv-reply\x00"
 _PLACEHOLDER = "\x00chatkv-content-{}\x00"  # stands for message {}'s text while the template is rendered
 _PLACEHOLDER_PATTERN = re.compile("\x00chatkv-content-([0-9]+)\x00")
+# past the context limit, old turns go until the prompt takes at most this share of it, so the next turns have
+# room to grow while they reuse the kept prefix (llama.cpp's context shift also frees half the context)
+LOW_WATER = 0.5
 
 
 @dataclass
@@ -137,8 +140,14 @@ class ChatRenderer:
         ids.extend(self.generation_prompt_ids)
         return ids
 
-    def fit(self, messages: list[Message], max_prompt_tokens: int) -> RenderedPrompt:
-        """Render, dropping the oldest turns (never the system prompt, never the new message) until it fits.
+    def fit(self, messages: list[Message], max_prompt_tokens: int, already_dropped: int = 0,
+            low_water: float = LOW_WATER) -> RenderedPrompt:
+        """Render, leaving out the oldest turns (never the system prompt, never the new message) so it fits.
+
+        ``already_dropped``: how many messages the session's previous turn left out; they stay out while the
+        rest fits, so the prompt keeps the prefix the session's KV holds. When it no longer fits, turns go until
+        the prompt takes at most ``low_water`` of ``max_prompt_tokens``: the turns after that reuse the kept
+        prefix again instead of each dropping one turn and recomputing the whole conversation.
 
         Raises ``EngineError`` when even the system prompt and the new message alone do not fit; its
         message names which of the two is too long and by how many tokens.
@@ -146,15 +155,29 @@ class ChatRenderer:
         head = [m for m in messages[:1] if m.role == "system"]
         body = messages[len(head):]
         dropped = 0
-        while True:
-            ids = self.render(head + body)
-            if len(ids) <= max_prompt_tokens:
-                return RenderedPrompt(ids, dropped)
+        if already_dropped < len(body) - 1:  # else the conversation got shorter (an edit, a regenerate): start over
+            while dropped < already_dropped:
+                cut = _oldest_turn(body)
+                dropped, body = dropped + cut, body[cut:]
+        ids = self.render(head + body)
+        if len(ids) <= max_prompt_tokens:
+            return RenderedPrompt(ids, dropped)
+        target = int(max_prompt_tokens * low_water)
+        while len(ids) > target:
             if len(body) <= 1:
+                if len(ids) <= max_prompt_tokens:
+                    break
                 raise EngineError(self._does_not_fit(head, len(ids), max_prompt_tokens))
-            # drop the oldest user message and the replies that follow it, up to the next user message
-            cut = 1
-            while cut < len(body) - 1 and body[cut].role != "user":
-                cut += 1
-            dropped += cut
-            body = body[cut:]
+            cut = _oldest_turn(body)
+            dropped, body = dropped + cut, body[cut:]
+            ids = self.render(head + body)
+        return RenderedPrompt(ids, dropped)
+
+
+def _oldest_turn(body: list[Message]) -> int:
+    """How many messages the oldest turn takes: its user message and the replies up to the next user message
+    (never the last message, the one being answered)."""
+    cut = 1
+    while cut < len(body) - 1 and body[cut].role != "user":
+        cut += 1
+    return cut
