@@ -23,8 +23,9 @@ def _stand_in(code: int) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-_MULTI_LINE = {code: _stand_in(code) for code in [*range(0x20), 0x7F, *range(0x80, 0xA0), *BIDI_CONTROLS]
-               if chr(code) not in "\n\t"}
+# every character a terminal may act on: C0 controls but newline and tab, DEL, C1 controls, bidi controls
+CONTROL_CODES = [code for code in [*range(0x20), 0x7F, *range(0x80, 0xA0), *BIDI_CONTROLS] if chr(code) not in "\n\t"]
+_MULTI_LINE = {code: _stand_in(code) for code in CONTROL_CODES}
 _ONE_LINE = {**_MULTI_LINE, ord("\n"): _stand_in(ord("\n")), ord("\t"): " "}
 
 

@@ -98,7 +98,7 @@ async def test_the_escape_catalogue_never_reaches_the_terminal_from_any_widget_o
         paste.set_sender(app)
         app._driver.send_message(paste)
         await wait_until(pilot, lambda: "second line" in tab.prompt_input.text, timeout=5)
-        assert "\x1b" not in tab.prompt_input.text and "\r" not in tab.prompt_input.text
+        assert "\x1b]0;PWNED" in tab.prompt_input.text  # kept as pasted (sent as typed), only never drawn
         assert_nothing_raw(app, "a paste in the message box")
         await pilot.press("enter")
         await wait_until(pilot, lambda: not tab.generating and len(tab.conversation.messages) == 4)
@@ -124,6 +124,14 @@ async def test_the_escape_catalogue_never_reaches_the_terminal_from_any_widget_o
 
         await open_dialog(app, pilot, edit_first_message)
         assert_nothing_raw(app, "edit-message dialog")
+        await close_dialog(app, pilot)
+
+        await open_dialog(app, pilot, lambda: pilot.press("ctrl+p"))
+        paste = events.Paste(HOSTILE)
+        paste.set_sender(app)
+        app._driver.send_message(paste)
+        await pilot.pause(0.5)
+        assert_nothing_raw(app, "a paste into the palette's search")
         await close_dialog(app, pilot)
 
         for query in ("Switch", "Reopen"):

@@ -27,6 +27,7 @@ from chatkv.store import ConversationStore, StoreError
 from chatkv.tui.commands import ChatCommands, ThemeCommands
 from chatkv.tui.keys import APP_BINDINGS
 from chatkv.tui.relay import AppRelay
+from chatkv.tui.widgets.text_fields import SafeInput, SafeTextArea
 from chatkv.tui.screens.confirm_close import CloseChoice, ConfirmCloseScreen
 from chatkv.tui.screens.dialog import ChatCommandPalette
 from chatkv.tui.screens.generation import GenerationScreen
@@ -38,6 +39,8 @@ from chatkv.tui.widgets.chat_view import ChatView
 from chatkv.tui.widgets.chat_tabs import ChatTabs
 from chatkv.tui.widgets.stats_panel import StatsPanel
 from chatkv.visible_text import visible
+
+SAFE_FIELDS = (SafeInput, SafeTextArea)  # text fields that never draw a control character
 
 STATS_REFRESH_SECONDS = 0.25
 STATS_IDLE_EVERY = 8  # while nothing runs, refresh every 8th tick (2 s): figures only change with turns
@@ -533,9 +536,10 @@ class ChatApp(App[int]):
         return saved
 
     async def on_event(self, event: events.Event) -> None:
-        if isinstance(event, events.Paste) and not event.is_forwarded:
-            # a paste is text from outside: plain line endings, control characters shown, never acted on
-            event = events.Paste(visible(event.text.replace("\r\n", "\n").replace("\r", "\n")))
+        if isinstance(event, events.Paste) and not event.is_forwarded and not isinstance(self.focused, SAFE_FIELDS):
+            # a paste into a field of Textual's own (the palette's search) that would draw control characters as
+            # they are: they arrive as visible stand-ins instead (our own fields keep them, never drawing them)
+            event = events.Paste(visible(event.text))
         await super().on_event(event)
 
     def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,

@@ -10,7 +10,6 @@ from textual.widgets import Label
 
 from chatkv.tui.screens.dialog import Dialog
 from chatkv.tui.widgets.prompt_input import PromptInput
-from chatkv.visible_text import visible
 
 
 class EditMessageScreen(Dialog[str | None]):
@@ -43,7 +42,7 @@ class EditMessageScreen(Dialog[str | None]):
 
     def on_mount(self) -> None:
         editor = self.query_one(PromptInput)
-        editor.load_text(visible(self.text))
+        editor.load_text(self.text)  # as written: the editor never draws its control characters
         editor.move_cursor(editor.document.end)
         editor.focus()
 

@@ -12,7 +12,7 @@ from textual.widgets import Button, Input, Label, TextArea
 from chatkv.engine.api import Sampling
 from chatkv.tui.screens.sampling_dialog import SamplingDialog
 from chatkv.tui.widgets.sampling_form import SamplingForm
-from chatkv.visible_text import visible
+from chatkv.tui.widgets.text_fields import SafeInput, SafeTextArea
 
 HINT = "Ctrl+S or Enter in a one-line box creates the tab · Esc cancels"
 
@@ -48,9 +48,9 @@ class NewTabScreen(SamplingDialog[NewTabRequest]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label("Name (optional)")
-            yield Input(placeholder="e.g. recipes", id="name")
+            yield SafeInput(placeholder="e.g. recipes", id="name")
             yield Label("System prompt (optional)")
-            yield TextArea(visible(self.default_system), id="system")
+            yield SafeTextArea(self.default_system, id="system")
             yield SamplingForm(self.default_sampling, id="sampling")
             yield Label("", id="problem")
             yield Label(Content(HINT), classes="hint")

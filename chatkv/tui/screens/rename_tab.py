@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import Input, Label
 
 from chatkv.tui.screens.dialog import Dialog
-from chatkv.visible_text import visible
+from chatkv.tui.widgets.text_fields import SafeInput
 
 
 class RenameTabScreen(Dialog[str | None]):
@@ -33,7 +33,7 @@ class RenameTabScreen(Dialog[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label("New name (Enter to keep it, Esc to cancel)")
-            yield Input(visible(self.current_name, one_line=True), id="name")
+            yield SafeInput(self.current_name, id="name")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)

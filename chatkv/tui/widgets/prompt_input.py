@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 from textual import events
 from textual.message import Message
-from textual.widgets import TextArea
 
 from chatkv.tui.keys import HISTORY_BINDINGS
+from chatkv.tui.widgets.text_fields import SafeTextArea
 
 NEWLINE_KEYS = {"ctrl+j", "shift+enter", "alt+enter"}
 
 
-class PromptInput(TextArea):
+class PromptInput(SafeTextArea):
     BINDINGS = HISTORY_BINDINGS
     DEFAULT_CSS = """
     PromptInput {

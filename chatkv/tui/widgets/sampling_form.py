@@ -14,6 +14,7 @@ from textual.content import Content
 from textual.widgets import Input, Label
 
 from chatkv.engine.api import EngineError, Sampling
+from chatkv.tui.widgets.text_fields import SafeInput
 
 # (field, label, whole number)
 FIELDS = (
@@ -43,7 +44,7 @@ class SamplingForm(Grid):
     def compose(self) -> ComposeResult:
         for name, label, whole in FIELDS:
             yield Label(Content(label))
-            yield Input(str(getattr(self.initial, name)), type="integer" if whole else "number", id=f"sampling-{name}",
+            yield SafeInput(str(getattr(self.initial, name)), type="integer" if whole else "number", id=f"sampling-{name}",
                         compact=True)
 
     def sampling(self) -> Sampling:
