@@ -38,7 +38,6 @@ class KvOptions:
     max_tokens_per_session: int = 4096
     max_sessions: int = 1000
     max_bytes_total: int = 1 * GIB
-    policy: str = "lru"
     persist_across_requests: bool = True
     # a prompt that starts with full KV blocks another session computed uses them instead of prefilling
     share_prefixes: bool = True

@@ -131,11 +131,6 @@ class KvStore:
         return self.used_blocks * self.block_bytes
 
     @property
-    def pool_bytes(self) -> int:
-        """Bytes of the pool tensor, free blocks included."""
-        return self.kv.numel() * self.kv.element_size()
-
-    @property
     def tokens(self) -> int:
         return sum(entry.length for entry in self._entries.values())
 

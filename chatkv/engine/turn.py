@@ -55,10 +55,6 @@ class Turn:
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
-    @property
-    def prefill_remaining(self) -> int:
-        return self.prompt_tokens - self.prefill_position
-
     def pending_input(self) -> list[int]:
         """Tokens this turn feeds in its next forward: the rest of its prompt, or its last sampled token."""
         if self.state is TurnState.PREFILLING:

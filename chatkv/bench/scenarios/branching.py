@@ -32,16 +32,7 @@ REPLY_TOKENS = 8
 KINDS = {"regenerate": "regenerate", "edit": "edit at middle", "fork": "fork's first turn"}
 
 
-def unavailable_reason() -> str | None:
-    if not hasattr(Engine, "fork_kv"):
-        return "this build of the engine cannot fork a session's KV (Engine.fork_kv)"
-    return None
-
-
 def run(ctx: BenchContext) -> ScenarioResult:
-    reason = unavailable_reason()
-    if reason:
-        return ScenarioResult("branching", status="unavailable", reason=reason)
     sizes = ctx.sizes
     bundle = ctx.bundle
     result = ScenarioResult("branching", parameters={

@@ -9,7 +9,6 @@ temporary folder; then its next turn is asked three ways, each timed to its firs
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from chatkv.bench.filler import filler_message
 from chatkv.bench.result import ScenarioResult, Table, fmt, times
 from chatkv.bench.stats import mean, ratio
 from chatkv.conversation import Message
-from chatkv.engine import Engine
 
 SESSION = "bench-snapshot"
 FIRST_REPLY_TOKENS = 16
@@ -29,16 +27,7 @@ NEXT_REPLY_TOKENS = 8
 WAYS = {"disk": "restored from disk", "recompute": "recomputed", "memory": "still in memory"}
 
 
-def unavailable_reason() -> str | None:
-    if importlib.util.find_spec("chatkv.engine.snapshot") is None or not hasattr(Engine, "snapshot"):
-        return "this build of the engine has no KV snapshots (chatkv/engine/snapshot.py, Engine.snapshot)"
-    return None
-
-
 def run(ctx: BenchContext) -> ScenarioResult:
-    reason = unavailable_reason()
-    if reason:
-        return ScenarioResult("snapshot", status="unavailable", reason=reason)
     sizes = ctx.sizes
     bundle = ctx.bundle
     result = ScenarioResult("snapshot", parameters={
