@@ -27,7 +27,6 @@ from chatkv.store import ConversationStore, StoreError
 from chatkv.tui.commands import ChatCommands, ThemeCommands
 from chatkv.tui.keys import APP_BINDINGS
 from chatkv.tui.relay import AppRelay
-from chatkv.tui.widgets.text_fields import SafeInput, SafeTextArea
 from chatkv.tui.screens.confirm_close import CloseChoice, ConfirmCloseScreen
 from chatkv.tui.screens.dialog import ChatCommandPalette
 from chatkv.tui.screens.generation import GenerationScreen
@@ -38,6 +37,7 @@ from chatkv.tui.widgets.chat_tab import ChatTab, TurnRefused
 from chatkv.tui.widgets.chat_view import ChatView
 from chatkv.tui.widgets.chat_tabs import ChatTabs
 from chatkv.tui.widgets.stats_panel import StatsPanel
+from chatkv.tui.widgets.text_fields import SafeInput, SafeTextArea
 from chatkv.visible_text import visible
 
 SAFE_FIELDS = (SafeInput, SafeTextArea)  # text fields that never draw a control character
