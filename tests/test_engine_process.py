@@ -154,6 +154,15 @@ def test_abort_during_the_load_ends_the_child_and_the_start_at_once(tmp_path, mo
         os.kill(pid, 0)  # the child is gone (reaped), not left loading
 
 
+async def until_replaced(supervisor, dead, timeout: float = 30.0) -> None:
+    """Until ``supervisor`` (a LoadingEngine) has heard that the engine ``dead`` died."""
+    for _ in range(int(timeout / 0.05)):
+        if supervisor.engine is not dead:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the supervisor never heard of the engine's death")
+
+
 async def test_a_killed_engine_is_started_again_and_the_next_turn_answers_until_it_dies_too_often(tmp_path, models_dir):
     # the app's engine (LoadingEngine over an EngineProcess, as `chatkv launch` builds it)
     from chatkv.runtime import LoadingEngine, start_engine
@@ -169,18 +178,21 @@ async def test_a_killed_engine_is_started_again_and_the_next_turn_answers_until_
         await engine.until_ready()
         reference = await engine.submit("tab-1", question, Sampling(max_new_tokens=12)).result()
         handle = engine.submit("tab-1", question, Sampling(max_new_tokens=400))
+        first = engine.engine
         async for _ in handle:
-            os.kill(engine.engine.pid, signal.SIGKILL)  # mid-reply, as the OOM killer would
+            os.kill(first.pid, signal.SIGKILL)  # mid-reply, as the OOM killer would
             break
         cut = await handle.result()
         assert cut.finish_reason == "error" and "stopped unexpectedly" in cut.error
+        await until_replaced(engine, first)  # the turn ends first, then the supervisor hears of the death
         assert sum("Starting it again" in note for note in notes) == 1  # said once
         await engine.until_ready()
         again = await engine.submit("tab-1", question, Sampling(max_new_tokens=12)).result()
         assert again.finish_reason in ("stop", "length") and again.reply_ids == reference.reply_ids
         for _ in range(2):  # the second and third death within a minute: no more restarts
-            os.kill(engine.engine.pid, signal.SIGKILL)
-            await asyncio.sleep(0.5)
+            dead = engine.engine
+            os.kill(dead.pid, signal.SIGKILL)
+            await until_replaced(engine, dead)
             await engine.until_ready()
         assert engine.engine is None and "3 times within a minute" in engine.error
         with pytest.raises(EngineError, match="start chatkv again"):

@@ -141,9 +141,12 @@ async def test_escape_stops_the_reply_keeping_its_text_and_marks_it_stopped(star
 
 
 async def test_escape_stops_a_turn_still_queued_behind_another_tab_with_the_same_notice(start_engine, store, paths):
-    settings = settings_with(1000)
-    settings.batching.max_batch_size = 1  # one turn at a time: the second tab's waits in the queue
-    app = build_app(settings, start_engine(settings), store, paths)
+    # a first reply long enough (seconds on the tiny model) to still run when the second tab's Esc arrives, even on
+    # a loaded machine; one turn at a time, so the second tab's turn waits in the queue behind it
+    settings = settings_with(3000)
+    settings.batching.max_batch_size = 1
+    engine = start_engine(settings)
+    app = build_app(settings, engine, store, paths)
     async with app.run_test(size=SIZE) as pilot:
         first = app.chat_tabs.current
         await start_a_long_reply(pilot, first)
@@ -151,7 +154,8 @@ async def test_escape_stops_a_turn_still_queued_behind_another_tab_with_the_same
         await pilot.pause()
         second.prompt_input.load_text("and one for me")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: second.generating)
+        await wait_until(pilot, lambda: any(turn.session_id == second.session_id for turn in engine.scheduler.waiting))
+        assert first.generating
         await pilot.press("escape")
         await wait_until(pilot, lambda: not second.generating)
         assert [n.message for n in app._notifications][-1] == "Stopping the reply; what was written is kept."
