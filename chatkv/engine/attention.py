@@ -134,9 +134,7 @@ def _kv_store(kv: torch.Tensor, segments: list[Segment], kernel_rows: DecodeRows
     if kernel_rows is not None:
         # the kernel stores these; rows of a multi-row decode segment are stored here first as well (the kernel
         # writes the same bytes again), since each reads the keys of the rows before it, maybe on another thread
-        single = torch.cat([torch.arange(s.start, s.start + 1) for s in segments if s.length == 1]
-                           or [torch.empty(0, dtype=torch.long)])
-        slot_mapping[single] = -1
+        slot_mapping[torch.tensor([s.start for s in segments if s.length == 1], dtype=torch.long)] = -1
         if bool((slot_mapping < 0).all()):
             return None
     slot_mapping = slot_mapping.to(kv.device)
